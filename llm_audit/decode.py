@@ -1,0 +1,82 @@
+"""Stage 2: bytes -> float matrices on the requested device.
+
+Each job's tensors are read once into a fresh buffer (so peak memory is one job's worth, not the
+file's), moved to the device, and viewed as their stored dtype there; all arithmetic happens on
+the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DecodeError
+from .routing import MatrixJob
+from .source import TensorInfo, read_bytes
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U8": torch.uint8,
+    "I8": torch.int8, "I32": torch.int32, "I64": torch.int64,
+}
+
+
+@dataclass(frozen=True)
+class DecodedMatrix:
+    """A float matrix ready for analysis. `W`: (rows, cols) float32 on the target device."""
+
+    job: MatrixJob
+    W: torch.Tensor
+    expert: int | None = None
+
+
+class TensorReader:
+    """Reads tensors' bytes, keeping one open handle per shard file (context manager)."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self._handles: dict = {}
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def raw(self, info: TensorInfo, device: torch.device) -> torch.Tensor:
+        """The tensor with its stored dtype and shape, on `device`."""
+        if info.file not in self._handles:
+            self._handles[info.file] = self._stack.enter_context(open(info.file, "rb"))
+        buf = read_bytes(info, self._handles[info.file])
+        dtype = TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise DecodeError(f"{info.file}: tensor {info.name!r}: dtype {info.dtype} "
+                              f"{list(info.shape)} cannot be decoded")
+        t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+        return t.to(device).view(dtype).reshape(info.shape)
+
+
+def decode_dense(job: MatrixJob, reader: TensorReader, device: torch.device) -> torch.Tensor:
+    (info,) = job.parts
+    return reader.raw(info, device).to(torch.float32)
+
+
+DECODERS: dict[str, Callable[[MatrixJob, TensorReader, torch.device], torch.Tensor]] = {
+    "dense": decode_dense,
+}
+
+
+def decode(job: MatrixJob, reader: TensorReader, device: torch.device) -> Iterator[DecodedMatrix]:
+    """Decode one job into one matrix, or one matrix per expert for a (E, rows, cols) stack."""
+    fn = DECODERS.get(job.scheme)
+    if fn is None:
+        raise DecodeError(f"tensor {job.name!r}: no decoder for scheme {job.scheme!r}")
+    W = fn(job, reader, device)
+    if W.ndim == 2:
+        yield DecodedMatrix(job, W, job.expert)
+    else:
+        for e in range(W.shape[0]):
+            yield DecodedMatrix(job, W[e], e)

@@ -1,0 +1,102 @@
+"""Marchenko–Pastur fits of an ESD (stage 3, pure functions).
+
+`mp_fit` reproduces WeightWatcher 0.7.7's fit: eigenvalues rescaled to mean 1, σ chosen by a grid
+search refined with Nelder–Mead, minimising the squared error between the MP density and a
+linear-kernel KDE (bandwidth 0.1) of the eigenvalues; spikes are eigenvalues above
+bulk_max + sqrt(s_TW). `tw_edge` is the better-founded alternative used for traps: the exact MP
+edge of an i.i.d. matrix with known entry variance plus a Tracy–Widom quantile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.optimize
+import torch
+
+KDE_BANDWIDTH = 0.1
+KDE_POINTS = 1000
+KDE_FLOOR = 0.01
+SIGMA_GRID = (0.05, 2.0, 0.01)  # × the initial guess σ0
+TW1_QUANTILES = {0.90: 0.450, 0.95: 0.979, 0.99: 2.023, 0.999: 3.272}
+
+
+@dataclass(frozen=True)
+class MPFit:
+    num_spikes: int  # eigenvalues above the threshold
+    sigma_mp: float  # fitted σ, in units where the eigenvalues have mean 1
+    bulk_max: float  # MP edge in the ESD's own (unrescaled) units
+    bulk_min: float
+    threshold: float  # spike threshold in the ESD's own units
+    max_eval: float
+    scale: float  # the factor (W_scale²) that rescales the ESD to mean 1
+
+
+def mp_fit(evals: torch.Tensor, N: int, M: int) -> MPFit:
+    """Fit an MP bulk to eigenvalues of WᵀW (any order, possibly pooled from several shuffles)."""
+    lam0 = evals.detach().to("cpu", torch.float64).numpy()
+    Q = N / M
+    scale = len(lam0) / float(lam0.sum())  # W_scale²: rescaled eigenvalues have mean 1
+    lam = lam0 * scale
+    sigma0 = math.sqrt(float(lam.max())) / (1 + 1 / math.sqrt(Q))
+    data = np.sqrt(lam) if Q == 1 else lam  # Q = 1: fit the quarter circle of singular values
+    x = np.linspace(0.0, float(data.max()) + 0.5, KDE_POINTS)
+    y = _linear_kde(data, x, KDE_BANDWIDTH)
+    keep = y > KDE_FLOOR
+    x, y = x[keep], y[keep]
+    lo, hi, step = SIGMA_GRID
+    grid = np.arange(lo * sigma0, hi * sigma0, step * sigma0)
+    losses = _mp_losses(grid, Q, x, y)
+    s_grid = grid[int(np.argmin(losses))]
+    res = scipy.optimize.fmin(lambda s: _mp_losses(np.atleast_1d(s)[:1], Q, x, y)[0],
+                              s_grid, disp=0, full_output=True)
+    sigma = float(res[0][0])
+    bulk_max = (sigma * (1 + 1 / math.sqrt(Q))) ** 2
+    bulk_min = (sigma * (1 - 1 / math.sqrt(Q))) ** 2
+    tw = Q ** -0.5 * bulk_max ** (2 / 3) * M ** (-2 / 3)
+    threshold = bulk_max + math.sqrt(tw)  # WW's rule: √ of the TW scale
+    return MPFit(num_spikes=int((lam > threshold).sum()), sigma_mp=sigma,
+                 bulk_max=bulk_max / scale, bulk_min=bulk_min / scale,
+                 threshold=threshold / scale, max_eval=float(lam0.max()), scale=scale)
+
+
+def _linear_kde(data: np.ndarray, x: np.ndarray, h: float) -> np.ndarray:
+    """(1/n) Σ_i (1/h) max(0, 1 - |x - x_i|/h), evaluated on x. Sorted-data sweep: O(n log n)."""
+    d = np.sort(data)
+    y = np.zeros_like(x)
+    lo, hi = np.searchsorted(d, x - h), np.searchsorted(d, x + h)
+    for i in np.nonzero(hi > lo)[0]:  # only grid points with data within h contribute
+        y[i] = np.maximum(0.0, 1.0 - np.abs(x[i] - d[lo[i]:hi[i]]) / h).sum()
+    return y / (len(d) * h)
+
+
+def _mp_losses(sigmas: np.ndarray, Q: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Squared error between the MP density with each σ and the KDE (x, y); vectorised in σ."""
+    s = sigmas[:, None]  # (S, 1)
+    with np.errstate(all="ignore"):
+        if Q == 1:  # quarter circle of singular values
+            dens = np.nan_to_num(1 / (np.pi * s**2) * np.sqrt(4 - x[None, :] ** 2))
+            return ((dens - y[None, :]) ** 2).sum(axis=1)
+        a = (s * (1 - math.sqrt(1 / Q))) ** 2
+        b = (s * (1 + math.sqrt(1 / Q))) ** 2
+        dens = np.nan_to_num(Q / (2 * np.pi * s**2 * x[None, :])
+                             * np.sqrt((b - x[None, :]) * (x[None, :] - a)))
+        loss = ((dens - y[None, :]) ** 2).sum(axis=1)
+    xpeak = x[int(np.argmax(y))]
+    bad = (b[:, 0] < xpeak) | (b[:, 0] > x.max()) | (a[:, 0] > xpeak)
+    return np.where(bad, 1e6 * len(y), loss)
+
+
+def tw_edge(var: float, N: int, M: int, quantile: float = 0.999) -> tuple[float, float]:
+    """(MP edge, spike threshold) for eigenvalues of XᵀX, X (N, M) i.i.d. with variance `var`.
+
+    Johnstone's centring and scaling of the largest eigenvalue (real case):
+    μ = (√(N-1) + √M)², s = (√(N-1) + √M)(1/√(N-1) + 1/√M)^(1/3); threshold = var·(μ + q·s)
+    with q the TW₁ quantile.
+    """
+    a, b = math.sqrt(N - 1), math.sqrt(M)
+    mu = (a + b) ** 2
+    s = (a + b) * (1 / a + 1 / b) ** (1 / 3)
+    return var * mu, var * (mu + TW1_QUANTILES[quantile] * s)

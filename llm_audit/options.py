@@ -1,0 +1,56 @@
+"""Audit options: one frozen record, validated once, passed down the pipeline."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+TRAP_RULES = ("ww", "tw")
+FIX_FINGERS = ("none", "clip_xmax")
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    include: str | None = None  # regex on tensor names: analyse only matches
+    exclude: str | None = None  # regex on tensor names: skip matches
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    seed: int = 0
+    randomize: bool = True  # compute correlation traps
+    trap_rule: str = "ww"  # ww (WeightWatcher's rule) | tw (Tracy-Widom 99.9% above exact edge)
+    fix_fingers: str = "none"
+
+    def __post_init__(self) -> None:
+        for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
+            if rx is not None:
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    raise UsageError(f"{flag} {rx!r} is not a valid regular expression: {e}") from e
+        if self.trap_rule not in TRAP_RULES:
+            raise UsageError(f"--trap-rule must be one of {', '.join(TRAP_RULES)}, "
+                             f"got {self.trap_rule!r}")
+        if self.fix_fingers not in FIX_FINGERS:
+            raise UsageError(f"--fix-fingers must be one of {', '.join(FIX_FINGERS)}, "
+                             f"got {self.fix_fingers!r}")
+
+    def wants(self, name: str) -> bool:
+        if self.include is not None and not re.search(self.include, name):
+            return False
+        return not (self.exclude is not None and re.search(self.exclude, name))
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as e:
+            raise UsageError(f"--device {self.device!r} is not a device (use auto, cpu or cuda)") \
+                from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but no CUDA device is available; "
+                             "use --device cpu")
+        return dev

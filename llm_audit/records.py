@@ -1,0 +1,65 @@
+"""The per-matrix result record: one row of ``layers.csv``.
+
+Column names follow WeightWatcher 0.7.x where the quantity is the same, so users can read them;
+a failed quantity is NaN (empty in CSV), never a sentinel like -1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+NAN = math.nan
+
+
+@dataclass(frozen=True)
+class MatrixResult:
+    name: str  # tensor name exactly as in the file (+ "[e]" for expert e of a stacked tensor)
+    layer: int | None  # block index parsed from the name
+    module: str  # e.g. q_proj, dense, down_proj
+    expert: int | None  # expert index for MoE weights, None for dense tensors
+    N: int  # max(rows, cols)
+    M: int  # min(rows, cols)
+    dtype: str  # stored dtype / scheme of the source tensor
+    # power-law fit of the ESD (HTSR layer quality)
+    alpha: float = NAN
+    alpha_weighted: float = NAN
+    xmin: float = NAN
+    D: float = NAN
+    sigma: float = NAN
+    num_pl_spikes: int = 0
+    num_fingers: int = 0
+    raw_alpha: float = NAN
+    # norms of the ESD
+    lambda_max: float = NAN
+    log_norm: float = NAN
+    log_spectral_norm: float = NAN
+    stable_rank: float = NAN
+    entropy: float = NAN
+    matrix_rank: int = 0
+    # Marchenko-Pastur fit of the ESD
+    num_spikes: int = 0
+    sigma_mp: float = NAN
+    bulk_max: float = NAN
+    # correlation traps: spikes of the element-shuffled matrix beyond its MP bulk
+    rand_num_spikes: int = 0
+    max_rand_eval: float = NAN
+    rand_bulk_max: float = NAN
+    rand_sigma_mp: float = NAN
+    rand_distance: float = NAN
+    trap_threshold: float = NAN
+    # confound controls for traps
+    entry_mean: float = NAN
+    entry_std: float = NAN
+    mean_spike: float = NAN  # spike the entries' mean alone creates after shuffling: mean²·N·M
+    max_abs_w_over_std: float = NAN  # largest |w| in units of the entries' std
+    # verdicts
+    warning: str = ""  # over-trained | under-trained | failed: <reason> | non-finite ... | ""
+    status: str = "ok"  # ok | failed
+    seconds: float = NAN
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+COLUMNS = tuple(f.name for f in fields(MatrixResult))

@@ -1,0 +1,97 @@
+"""Stage 1 (continued): turn a checkpoint's tensors into matrix jobs.
+
+Decides which tensors are weight matrices, which tensors travel together (a quantized weight and
+its scales), how a tensor name maps to `layer` / `module` / `expert`, and why the rest is skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .source import TensorInfo
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_SKIP_PATTERNS = (
+    (re.compile(r"(^|\.)bias$"), "bias"),
+    (re.compile(r"norm", re.I), "normalisation"),
+    (re.compile(r"rotary|inv_freq|position_ids|masked_bias|attn\.bias$"), "buffer"),
+)
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|decoder\.layers?)\.(\d+)(?:\.|$)")
+_ANY_INDEX_RE = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class MatrixJob:
+    """One weight matrix (or one stack of experts) to decode and analyse.
+
+    `parts[0]` is the weight tensor; further parts (scales) are consumed with it.
+    `scheme` tells decode how to turn the bytes into floats.
+    """
+
+    name: str
+    layer: int | None
+    module: str
+    scheme: str
+    parts: tuple[TensorInfo, ...]
+    expert: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A tensor that looks like a weight but is not analysed, with the reason."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    reason: str
+
+
+def parse_layer(name: str) -> int | None:
+    """Block index from a tensor name: 'model.layers.3.mlp...' -> 3, 'encoder.layer.0...' -> 0."""
+    m = _LAYER_RE.search(name)
+    if m:
+        return int(m.group(1))
+    m = _ANY_INDEX_RE.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def parse_module(name: str) -> str:
+    """Module type from a tensor name: the last component before '.weight'."""
+    parts = [p for p in name.split(".") if p not in ("weight",)]
+    while len(parts) > 1 and parts[-1].isdigit():
+        parts.pop()
+    return parts[-1] if parts else name
+
+
+def is_ignored(t: TensorInfo) -> str | None:
+    """Why a tensor is not a weight matrix at all (biases, norms, buffers, 1-D), or None."""
+    if len(t.shape) < 2:
+        return f"{len(t.shape)}-D"
+    for pattern, why in _SKIP_PATTERNS:
+        if pattern.search(t.name):
+            return why
+    return None
+
+
+def plan_dense(tensors: tuple[TensorInfo, ...]) -> tuple[list[MatrixJob], list[Skipped]]:
+    """Jobs for plain (unquantized) checkpoints: every 2-D float weight is one matrix."""
+    jobs, skipped = [], []
+    for t in tensors:
+        if is_ignored(t):
+            continue
+        if t.dtype not in FLOAT_DTYPES:
+            skipped.append(Skipped(t.name, t.dtype, t.shape,
+                                   f"dtype {t.dtype} is not a float type this format uses"))
+        elif len(t.shape) != 2:
+            skipped.append(Skipped(t.name, t.dtype, t.shape,
+                                   f"{len(t.shape)}-D tensor with no known expert layout"))
+        elif min(t.shape) < 2:
+            skipped.append(Skipped(t.name, t.dtype, t.shape, "fewer than 2 rows or columns"))
+        else:
+            jobs.append(MatrixJob(t.name, parse_layer(t.name), parse_module(t.name), "dense", (t,)))
+    return jobs, skipped

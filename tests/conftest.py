@@ -1,0 +1,20 @@
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def write_safetensors_raw(path: Path, header: dict, data: bytes) -> Path:
+    """Write a safetensors file byte by byte (to build valid and hostile files alike)."""
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+    return path
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,26 @@
+"""The synthetic matrices of tests/data/ww077_synth_reference.csv (WeightWatcher 0.7.7's output
+on them, analyze(randomize=True, mp_fit=True), with and without fix_fingers='clip_xmax')."""
+
+import numpy as np
+
+
+def synth_matrices() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    t = {}
+    t["a.gauss_60x300.weight"] = rng.standard_normal((60, 300)).astype(np.float32)
+    t["b.student_15x50.weight"] = rng.standard_t(2.5, (15, 50)).astype(np.float32)
+    t["c.gauss_12x12.weight"] = rng.standard_normal((12, 12)).astype(np.float32)
+    W = rng.standard_normal((300, 100)) / 10
+    W[:, :1] += 5.0  # one big spike
+    t["d.finger_300x100.weight"] = W.astype(np.float32)
+    t["e.student_200x200.weight"] = rng.standard_t(3, (200, 200)).astype(np.float32)
+    L = rng.standard_normal((100, 50)) @ rng.standard_normal((50, 400)) / 20
+    t["f.lowrank50_100x400.weight"] = L.astype(np.float32)
+    L5 = rng.standard_normal((50, 5)) @ rng.standard_normal((5, 50))
+    t["g.rank5_50x50.weight"] = L5.astype(np.float32)
+    t["h.ones_30x30.weight"] = np.ones((30, 30), np.float32)
+    t["i.student_embed_2000x64.weight"] = rng.standard_t(2, (2000, 64)).astype(np.float32)
+    t["j.mean_shift_150x150.weight"] = (rng.standard_normal((150, 150)) + 0.3).astype(np.float32)
+    t["k.rank12_40x40.weight"] = (rng.standard_normal((40, 12))
+                                  @ rng.standard_normal((12, 40))).astype(np.float32)
+    return t

@@ -1,0 +1,1 @@
+"""Toy reproductions of the anti-grokking experiments (MNIST MLP, modular addition)."""
