@@ -1,0 +1,114 @@
+"""A data-free training monitor: audit the weight matrices of an in-memory model.
+
+The paper's early-stopping criterion (Prakash & Martin 2026) as a function you can call from a
+training loop: no files, no data. Give it a ``torch.nn.Module`` or a state dict; every 2-D
+weight matrix goes through ``analysis.analyse_matrix`` (float64 eigenvalues, correlation traps
+with a generator seeded from (seed, tensor name)). The alert fires when any matrix has a
+correlation trap, or when the mean α falls below ``alpha_floor``.
+
+    report = llm_audit.monitor_weights(model, alpha_floor=2.0)
+    if report.triggered:
+        logger.warning("step %d: %s", step, report.alert)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from .analysis import MatrixMeta, analyse_matrix
+from .options import AuditOptions
+from .records import COLUMNS, MatrixResult
+
+log = logging.getLogger(__name__)
+
+_INDEX_RE = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class MonitorReport:
+    """The audit of one set of weights: per-matrix results and the verdict."""
+
+    layers: tuple[MatrixResult, ...]
+    mean_alpha: float  # mean α over matrices whose fit succeeded (NaN if none)
+    total_traps: int  # correlation traps summed over matrices
+    alert: str  # "" when healthy, else why (traps per matrix, low mean α)
+
+    @property
+    def triggered(self) -> bool:
+        return bool(self.alert)
+
+    @property
+    def details(self) -> pd.DataFrame:
+        """One row per matrix, the columns of ``layers.csv``."""
+        return pd.DataFrame([r.as_row() for r in self.layers], columns=list(COLUMNS))
+
+    def traps_by_layer(self) -> dict[str, int]:
+        return {r.name: r.rand_num_spikes for r in self.layers}
+
+    def alpha_by_layer(self) -> dict[str, float]:
+        return {r.name: r.alpha for r in self.layers}
+
+
+def weight_matrices(weights: torch.nn.Module | Mapping[str, torch.Tensor],
+                    min_evals: int = 1) -> dict[str, torch.Tensor]:
+    """The 2-D floating-point tensors of a module or state dict with min(shape) >= min_evals."""
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            continue
+        if min(t.shape) >= min_evals:
+            out[name] = t.detach()
+    return out
+
+
+def monitor_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], *,
+                    options: AuditOptions | None = None, alpha_floor: float | None = 2.0,
+                    min_evals: int = 1) -> MonitorReport:
+    """Audit every 2-D weight matrix of ``weights`` (a module or a state dict) in memory.
+
+    ``options`` gives the seed, device, trap rule, finger clipping, include/exclude regexes and
+    whether traps are computed (``randomize``); ``min_evals`` skips matrices with fewer
+    eigenvalues (WeightWatcher skips M < 50 by default); ``alpha_floor=None`` disables the α
+    part of the alert.
+    """
+    opts = options if options is not None else AuditOptions()
+    device = opts.torch_device()
+    rows = []
+    for name, W in weight_matrices(weights, min_evals).items():
+        if not opts.wants(name):
+            continue
+        meta = MatrixMeta(name=name, layer=_layer(name), module=_module(name), expert=None,
+                          dtype=str(W.dtype).removeprefix("torch."))
+        rows.append(analyse_matrix(W.to(device), meta, opts))
+    return _report(tuple(rows), alpha_floor)
+
+
+def _report(rows: tuple[MatrixResult, ...], alpha_floor: float | None) -> MonitorReport:
+    alphas = [r.alpha for r in rows if r.status == "ok" and math.isfinite(r.alpha)]
+    mean_alpha = sum(alphas) / len(alphas) if alphas else math.nan
+    total = sum(r.rand_num_spikes for r in rows)
+    reasons = [f"{r.name}: {r.rand_num_spikes} trap(s)" for r in rows if r.rand_num_spikes > 0]
+    if alpha_floor is not None and alphas and mean_alpha < alpha_floor:
+        reasons.append(f"mean alpha {mean_alpha:.2f} < {alpha_floor:g}")
+    if reasons:
+        log.info("monitor alert: %s", "; ".join(reasons))
+    return MonitorReport(layers=rows, mean_alpha=mean_alpha, total_traps=total,
+                         alert="; ".join(reasons))
+
+
+def _layer(name: str) -> int | None:
+    m = _INDEX_RE.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def _module(name: str) -> str:
+    parts = [p for p in name.split(".") if p != "weight" and not p.isdigit()]
+    return parts[-1] if parts else name

@@ -1,0 +1,175 @@
+"""Measurement machinery shared by the toy experiments (MNIST MLP, modular addition).
+
+Model-agnostic: every function takes a ``torch.nn.Module`` and, where activations are needed,
+a ``forward`` callable ``forward(model, x) -> (logits, hiddens)`` where ``logits`` is
+(batch, classes) and ``hiddens`` is a list of hidden activation tensors (any shapes).
+
+- ``log_schedule``: the log-spaced steps at which to measure;
+- ``comparison_signals``: the paper's baselines (ℓ2 norm, activation sparsity, absolute weight
+  entropy, approximate local circuit complexity);
+- ``audit_rows``: the data-free audit via ``llm_audit.monitor_weights``, history + layer rows;
+- ``append_csv``, ``save_snapshot``: outputs;
+- figure helpers (re-exported from ``toy_experiments.figures``): ``plot_accuracy``,
+  ``plot_layer_metric``, ``plot_signals``, ``plot_prototypes``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from llm_audit import AuditOptions, monitor_weights
+
+from .figures import plot_accuracy, plot_layer_metric, plot_prototypes, plot_signals
+
+__all__ = [
+    "AUDIT_COLUMNS", "LAYER_COLUMNS", "SIGNAL_COLUMNS", "Forward", "abs_weight_entropy",
+    "activation_sparsity", "append_csv", "audit_rows", "circuit_complexity", "comparison_signals",
+    "l2_norm", "log_schedule", "plot_accuracy", "plot_layer_metric", "plot_prototypes",
+    "plot_signals", "save_snapshot", "snapshot_path", "truncate_csv", "weight_tensors",
+    "zero_fraction",
+]
+
+Forward = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
+
+SIGNAL_COLUMNS = ("l2_norm", "activation_sparsity", "abs_weight_entropy", "circuit_complexity")
+AUDIT_COLUMNS = ("mean_alpha", "num_traps")
+LAYER_COLUMNS = ("step", "name", "N", "M", "alpha", "num_pl_spikes", "lambda_max", "log_norm",
+                 "stable_rank", "entropy", "num_spikes", "rand_num_spikes", "max_rand_eval",
+                 "trap_threshold", "rand_distance", "entry_mean", "entry_std",
+                 "max_abs_w_over_std", "warning", "status")
+
+
+# ---------------------------------------------------------------- schedule
+
+def log_schedule(total_steps: int, per_decade: int = 12, first: int = 1) -> list[int]:
+    """Steps 0, first, ..., total_steps, log-spaced with ``per_decade`` points per decade."""
+    if total_steps < 0 or per_decade < 1 or first < 1:
+        raise ValueError("total_steps >= 0, per_decade >= 1 and first >= 1 are required")
+    steps = {0, total_steps}
+    if total_steps >= first:
+        n = math.ceil(per_decade * math.log10(total_steps / first)) + 1
+        for i in range(n):
+            steps.add(min(total_steps, round(first * 10 ** (i / per_decade))))
+    return sorted(steps)
+
+
+# ---------------------------------------------------------------- comparison signals
+
+def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights (parameters with >= 2 dimensions: no biases, no norms' gains)."""
+    return [p.detach() for p in model.parameters() if p.dim() >= 2]
+
+
+@torch.no_grad()
+def l2_norm(model: torch.nn.Module) -> float:
+    """ℓ2 norm of all parameters together (float64 accumulation)."""
+    return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
+
+
+@torch.no_grad()
+def abs_weight_entropy(model: torch.nn.Module) -> float:
+    """Absolute weight entropy −Σ |w| ln |w| over all weights (0 ln 0 = 0)."""
+    total = 0.0
+    for w in weight_tensors(model):
+        a = w.double().abs()
+        total -= float(torch.xlogy(a, a).sum())
+    return total
+
+
+@torch.no_grad()
+def activation_sparsity(hiddens: Sequence[torch.Tensor], threshold: float = 1e-3) -> float:
+    """Fraction of hidden activations with |h| below ``threshold`` (pooled over all layers)."""
+    below = sum(int((h.abs() < threshold).sum()) for h in hiddens)
+    total = sum(h.numel() for h in hiddens)
+    return below / total if total else math.nan
+
+
+@torch.no_grad()
+def zero_fraction(model: torch.nn.Module, fraction: float,
+                  generator: torch.Generator) -> torch.nn.Module:
+    """A copy of ``model`` with ``fraction`` of each weight tensor's entries set to zero."""
+    pruned = copy.deepcopy(model)
+    for p in pruned.parameters():
+        if p.dim() >= 2:
+            r = torch.rand(p.shape, generator=generator, device=generator.device)
+            p.masked_fill_((r < fraction).to(p.device), 0.0)
+    return pruned
+
+
+@torch.no_grad()
+def circuit_complexity(model: torch.nn.Module, x: torch.Tensor, forward: Forward,
+                       generator: torch.Generator, fraction: float = 0.1) -> float:
+    """Approximate local circuit complexity Σ_k KL(softmax f_W(x_k) ‖ softmax f_W'(x_k)),
+    W' = W with ``fraction`` of the weights zeroed (Golechha 2024)."""
+    logp = torch.log_softmax(forward(model, x)[0].double(), dim=-1)
+    logq = torch.log_softmax(forward(zero_fraction(model, fraction, generator), x)[0].double(),
+                             dim=-1)
+    return float((logp.exp() * (logp - logq)).sum())
+
+
+@torch.no_grad()
+def comparison_signals(model: torch.nn.Module, x: torch.Tensor, forward: Forward, *,
+                       generator: torch.Generator, fraction: float = 0.1,
+                       sparsity_threshold: float = 1e-3) -> dict[str, float]:
+    """The four comparison signals of the paper, keyed by ``SIGNAL_COLUMNS``."""
+    _, hiddens = forward(model, x)
+    return dict(l2_norm=l2_norm(model),
+                activation_sparsity=activation_sparsity(hiddens, sparsity_threshold),
+                abs_weight_entropy=abs_weight_entropy(model),
+                circuit_complexity=circuit_complexity(model, x, forward, generator, fraction))
+
+
+# ---------------------------------------------------------------- audit
+
+def audit_rows(model: torch.nn.Module | dict, step: int, options: AuditOptions | None = None,
+               *, min_evals: int = 1) -> tuple[dict, list[dict]]:
+    """Audit the current weights with ``llm_audit.monitor_weights``.
+
+    Returns (history fields ``mean_alpha``, ``num_traps`` + ``alert``, one dict per layer with
+    ``LAYER_COLUMNS``).
+    """
+    report = monitor_weights(model, options=options, min_evals=min_evals)
+    hist = dict(mean_alpha=report.mean_alpha, num_traps=report.total_traps, alert=report.alert)
+    layers = [{c: (step if c == "step" else getattr(r, c)) for c in LAYER_COLUMNS}
+              for r in report.layers]
+    return hist, layers
+
+
+# ---------------------------------------------------------------- outputs
+
+def append_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Append ``rows`` (only ``columns``, in that order) to a CSV, writing the header if new."""
+    if not rows:
+        return
+    path = Path(path)
+    df = pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=list(columns))
+    new = not path.exists() or path.stat().st_size == 0
+    df.to_csv(path, mode="w" if new else "a", header=new, index=False)
+
+
+def truncate_csv(path: Path, last_step: int) -> None:
+    """Drop the rows with step > ``last_step`` (used when resuming from a checkpoint)."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        df = pd.read_csv(path)
+        df[df["step"] <= last_step].to_csv(path, index=False)
+
+
+def snapshot_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / "snapshots" / f"step_{step:09d}.safetensors"
+
+
+def save_snapshot(model: torch.nn.Module, out_dir: Path, step: int) -> Path:
+    """Save the weights at ``step`` as ``out_dir/snapshots/step_XXXXXXXXX.safetensors``."""
+    path = snapshot_path(out_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"step": str(step)})
+    return path
