@@ -1,0 +1,67 @@
+"""python -m toy_experiments mnist --preset {smoke,quick,paper} --out DIR [options]."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for but no CUDA device is available")
+    return dev
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m toy_experiments",
+                                 description="Toy reproductions of anti-grokking, audited.")
+    sub = ap.add_subparsers(dest="experiment", required=True)
+    m = sub.add_parser("mnist", help="MNIST MLP3 (784-200-200-10), 1000 training images")
+    m.add_argument("--preset", choices=("smoke", "quick", "paper"), default="smoke")
+    m.add_argument("--out", required=True, type=Path, help="output folder (resumes if it holds "
+                   "a checkpoint.pt of an earlier run)")
+    m.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+    m.add_argument("--seed", type=int, default=0, help="init / batch-order / audit seed")
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    m.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files "
+                   "(default: $MNIST_DIR, then torchvision's cache, then a download)")
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    m.add_argument("--trap-rule", choices=("ww", "tw"), default="ww")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from . import mnist
+    from .data import DataNotFound
+    from .mnist_report import describe, phases
+
+    run = mnist.Run(preset=mnist.preset_with(args.preset, args.steps), out=args.out,
+                    seed=args.seed, device=_device(args.device), data_dir=args.data_dir,
+                    trap_rule=args.trap_rule)
+    print(f"mnist preset={args.preset} {run.preset} seed={args.seed} device={run.device} "
+          f"out={args.out}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        mnist.train(run)
+    except DataNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import pandas as pd
+    print(describe(phases(pd.read_csv(args.out / "history.csv"),
+                          layers=pd.read_csv(args.out / "layers.csv"))))
+    print(f"wall time {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
