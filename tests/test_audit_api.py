@@ -1,0 +1,98 @@
+"""End to end through the public API and the CLI on small checkpoints (issue 2's contract)."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import llm_audit
+from llm_audit.demo import write_demo_checkpoint
+
+REQUIRED = ["name", "layer", "module", "expert", "N", "M", "alpha", "alpha_weighted", "xmin", "D",
+            "num_pl_spikes", "lambda_max", "log_norm", "log_spectral_norm", "stable_rank",
+            "entropy", "num_spikes", "sigma_mp", "bulk_max", "rand_num_spikes", "max_rand_eval",
+            "rand_bulk_max", "rand_distance", "warning"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "llm-audit-demo")
+
+
+def test_demo_known_answers(demo):
+    d = llm_audit.audit(demo).details.set_index("layer")
+    assert list(d.columns[: len(REQUIRED) - 1]) != []  # a DataFrame with the table
+    assert set(REQUIRED) <= set(d.reset_index().columns)
+    assert 2 <= d.loc[0, "alpha"] <= 6 and d.loc[0, "warning"] == ""
+    assert d.loc[1, "warning"] == "under-trained"
+    assert d.loc[2, "rand_num_spikes"] == 4  # the four planted entries, found and counted
+    assert d.loc[3, "warning"] == "over-trained" and d.loc[3, "rand_num_spikes"] == 0
+    assert (d["module"] == "up_proj").all() and d["expert"].isna().all()
+    assert d.loc[2, "max_abs_w_over_std"] > 20  # the confound control names the cause
+
+
+def test_results_do_not_depend_on_order_or_filter(demo):
+    full = llm_audit.audit(demo).details.set_index("name")
+    one = llm_audit.audit(demo, include=r"layers\.2\.").details.set_index("name")
+    assert list(one.index) == ["model.layers.2.mlp.up_proj.weight"]
+    pd.testing.assert_series_equal(one.loc[one.index[0]].drop("seconds"),
+                                   full.loc[one.index[0]].drop("seconds"))
+
+
+def test_bad_matrices_are_kept_with_a_reason(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    nan = torch.randn(64, 32, generator=g)
+    nan[3, 4] = float("nan")
+    f = tmp_path / "m.safetensors"
+    save_file({"a.weight": nan, "b.weight": torch.zeros(64, 32),
+               "c.weight": torch.randn(64, 32, generator=g)}, f)
+    r = llm_audit.audit(f)
+    d = r.details.set_index("name")
+    assert d.loc["a.weight", "warning"] == "failed: non-finite entries (1 NaN, 0 Inf)"
+    assert d.loc["b.weight", "warning"] == "failed: all entries are zero"
+    assert list(d["status"]) == ["failed", "failed", "ok"]
+    assert r.summary["matrices_failed"] == 2 and r.summary["matrices_analysed"] == 1
+
+
+def test_write_reports(demo, tmp_path):
+    r = llm_audit.audit(demo, trap_rule="tw", fix_fingers="clip_xmax")
+    r.write(tmp_path)
+    csv = pd.read_csv(tmp_path / "layers.csv")
+    assert set(REQUIRED) <= set(csv.columns) and len(csv) == 4
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["options"]["trap_rule"] == "tw" and s["total_traps"] == 4
+    assert s["model"] == "llm-audit-demo" and s["versions"]["torch"] == torch.__version__
+    md = (tmp_path / "report.md").read_text()
+    assert "llm-audit-demo" in md.splitlines()[0] and "Flagged matrices (3)" in md
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "llm_audit", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_cli_missing_path_one_line_exit_2(tmp_path):
+    p = run_cli(tmp_path / "nope.safetensors")
+    assert p.returncode == 2
+    assert p.stderr == (f"llm-audit: error: {tmp_path / 'nope.safetensors'}: no such file or "
+                        "folder (give a .safetensors file, a model folder, or a hub id "
+                        "org/name)\n")
+
+
+def test_cli_not_safetensors_and_lying_header(tmp_path):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    p = run_cli(f)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == (f"llm-audit: error: {f}: not a safetensors file (header is not "
+                                "valid JSON: JSONDecodeError)")
+
+
+def test_cli_writes_reports(demo, tmp_path):
+    p = run_cli(demo, "--out", tmp_path / "o", "--quiet", "--no-randomize")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "o" / "layers.csv").is_file() and (tmp_path / "o" / "report.md").is_file()
