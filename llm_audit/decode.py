@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import quant
 from .errors import DecodeError
 from .routing import MatrixJob
 from .source import TensorInfo, read_bytes
@@ -26,11 +27,18 @@ TORCH_DTYPES = {
 
 @dataclass(frozen=True)
 class DecodedMatrix:
-    """A float matrix ready for analysis. `W`: (rows, cols) float32 on the target device."""
+    """A float matrix ready for analysis. `W`: (rows, cols) float32 on the target device.
+
+    `name`/`module` are the row's (a fused gpt-oss gate_up gives `...gate_up_proj[3].gate`,
+    module gate_proj); `nan_scales` counts the MXFP4 NaN (255) scales behind this matrix.
+    """
 
     job: MatrixJob
     W: torch.Tensor
     expert: int | None = None
+    name: str = ""
+    module: str = ""
+    nan_scales: int = 0
 
 
 class TensorReader:
@@ -64,8 +72,14 @@ def decode_dense(job: MatrixJob, reader: TensorReader, device: torch.device) -> 
     return reader.raw(info, device).to(torch.float32)
 
 
-DECODERS: dict[str, Callable[[MatrixJob, TensorReader, torch.device], torch.Tensor]] = {
+#: scheme -> decoder; a decoder returns W, or (W, per-row count of NaN scales)
+DECODERS: dict[str, Callable[[MatrixJob, TensorReader, torch.device],
+                             torch.Tensor | tuple[torch.Tensor, torch.Tensor]]] = {
     "dense": decode_dense,
+    "mxfp4": quant.decode_mxfp4,
+    "fp8_block128": quant.decode_fp8_block,
+    "fp8_scaled": quant.decode_scaled,
+    "int8_scaled": quant.decode_scaled,
 }
 
 
@@ -74,9 +88,19 @@ def decode(job: MatrixJob, reader: TensorReader, device: torch.device) -> Iterat
     fn = DECODERS.get(job.scheme)
     if fn is None:
         raise DecodeError(f"tensor {job.name!r}: no decoder for scheme {job.scheme!r}")
-    W = fn(job, reader, device)
-    if W.ndim == 2:
-        yield DecodedMatrix(job, W, job.expert)
-    else:
+    out = fn(job, reader, device)
+    W, nan_rows = out if isinstance(out, tuple) else (out, None)
+    if W.ndim != 2:
         for e in range(W.shape[0]):
-            yield DecodedMatrix(job, W[e], e)
+            yield DecodedMatrix(job, W[e], e, f"{job.name}[{e}]", job.module)
+        return
+    if not job.fused:
+        nan = int(nan_rows.sum()) if nan_rows is not None else 0
+        yield DecodedMatrix(job, W, job.expert, job.name, job.module, nan)
+        return
+    k = len(job.fused)
+    parts = quant.deinterleave(W, k, job.fused_dim)
+    for i, (part, module) in enumerate(zip(parts, job.fused, strict=True)):
+        rows = nan_rows[i::k] if nan_rows is not None and job.fused_dim == 0 else None
+        yield DecodedMatrix(job, part, job.expert, f"{job.name}.{module.removesuffix('_proj')}",
+                            module, int(rows.sum()) if rows is not None else 0)

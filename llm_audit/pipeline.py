@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import platform
@@ -17,10 +18,12 @@ from . import __version__
 from .analysis import MatrixMeta, analyse_matrix
 from .decode import TensorReader, decode
 from .errors import AuditError
+from .hub import resolve_source
+from .moe import plan_checkpoint
 from .options import AuditOptions
 from .records import COLUMNS, MatrixResult
-from .routing import MatrixJob, Skipped, plan_dense
-from .source import Checkpoint, open_checkpoint
+from .routing import MatrixJob, Skipped
+from .source import Checkpoint
 
 log = logging.getLogger(__name__)
 SKIPPED_COLUMNS = ("name", "dtype", "shape", "reason")
@@ -52,7 +55,7 @@ def audit(source: str | Path, *, allow_pickle: bool = False,
     """
     opts = AuditOptions(**options)
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
+    ckpt = resolve_source(source, opts, allow_pickle=allow_pickle)
     jobs, skipped = plan(ckpt, opts)
     rows = list(iter_audit(jobs, opts, progress=progress))
     return assemble(ckpt, opts, rows, skipped, time.perf_counter() - t0)
@@ -60,8 +63,8 @@ def audit(source: str | Path, *, allow_pickle: bool = False,
 
 def plan(ckpt: Checkpoint, opts: AuditOptions) -> tuple[list[MatrixJob], list[Skipped]]:
     """The matrix jobs of a checkpoint after --include/--exclude, and the skipped tensors."""
-    jobs, skipped = plan_dense(ckpt.tensors)
-    jobs = [j for j in jobs if opts.wants(j.name)]
+    jobs, skipped = plan_checkpoint(ckpt.tensors, ckpt.config_dict)
+    jobs = [j for j in jobs if opts.wants(j.parts[0].name)]  # the stored tensor's name
     skipped = [s for s in skipped if opts.wants(s.name)]
     return jobs, skipped
 
@@ -84,9 +87,9 @@ def _run_job(job: MatrixJob, reader: TensorReader, device: torch.device,
     dtype = job.parts[0].dtype if job.scheme == "dense" else job.scheme
     try:
         for m in decode(job, reader, device):
-            name = job.name if m.expert is None else f"{job.name}[{m.expert}]"
-            meta = MatrixMeta(name, job.layer, job.module, m.expert, dtype)
-            yield analyse_matrix(m.W, meta, opts)
+            meta = MatrixMeta(m.name, job.layer, m.module, m.expert, dtype)
+            res = analyse_matrix(m.W, meta, opts)
+            yield dataclasses.replace(res, nan_scales=m.nan_scales) if m.nan_scales else res
     except AuditError as e:  # this job's bytes could not be decoded: a failed row
         shape = job.parts[0].shape
         log.warning("%s: %s", job.name, e)

@@ -53,6 +53,8 @@ class MatrixResult:
     entry_std: float = NAN
     mean_spike: float = NAN  # spike the entries' mean alone creates after shuffling: mean²·N·M
     max_abs_w_over_std: float = NAN  # largest |w| in units of the entries' std
+    # quantization anomalies
+    nan_scales: int = 0  # MXFP4 scales equal to 255 (NaN in the OCP MX spec) behind this matrix
     # verdicts
     warning: str = ""  # over-trained | under-trained | failed: <reason> | non-finite ... | ""
     status: str = "ok"  # ok | failed

@@ -13,12 +13,13 @@ from .source import TensorInfo
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _SKIP_PATTERNS = (
-    (re.compile(r"(^|\.)bias$"), "bias"),
+    (re.compile(r"(^|[._])bias$"), "bias"),
     (re.compile(r"norm", re.I), "normalisation"),
     (re.compile(r"rotary|inv_freq|position_ids|masked_bias|attn\.bias$"), "buffer"),
 )
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|decoder\.layers?)\.(\d+)(?:\.|$)")
 _ANY_INDEX_RE = re.compile(r"\.(\d+)\.")
+_EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,9 @@ class MatrixJob:
     """One weight matrix (or one stack of experts) to decode and analyse.
 
     `parts[0]` is the weight tensor; further parts (scales) are consumed with it.
-    `scheme` tells decode how to turn the bytes into floats.
+    `scheme` tells decode how to turn the bytes into floats. `fused` names the modules whose
+    rows (`fused_dim` 0) or columns (1) alternate in one stored matrix (gpt-oss `gate_up`):
+    decode splits them into one matrix each.
     """
 
     name: str
@@ -35,6 +38,8 @@ class MatrixJob:
     scheme: str
     parts: tuple[TensorInfo, ...]
     expert: int | None = None
+    fused: tuple[str, ...] = ()
+    fused_dim: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -57,6 +62,12 @@ def parse_layer(name: str) -> int | None:
     if m:
         return int(m.group(1))
     m = _ANY_INDEX_RE.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def parse_expert(name: str) -> int | None:
+    """Expert index of a per-expert tensor: '...mlp.experts.7.w1.weight' -> 7."""
+    m = _EXPERT_RE.search(name)
     return int(m.group(1)) if m else None
 
 
