@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 a matrix matched --fail-on, 2 input or usage error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -14,86 +15,145 @@ import click
 from .errors import AuditError
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_ERROR = 0, 1, 2
+MAX_FAIL_LINES = 20
+ALL_FORMATS = "md,html,csv,json"
+_CTX = {"help_option_names": ["-h", "--help"]}
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _audit_options(f):
+    """Options shared by `llm-audit` and `llm-audit diff` (how a checkpoint is audited)."""
+    for deco in reversed([
+        click.option("--include", metavar="REGEX", help="Analyse only tensors whose name matches."),
+        click.option("--exclude", metavar="REGEX", help="Skip tensors whose name matches."),
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:i]"),
+        click.option("--seed", default=0, show_default=True, type=int,
+                     help="Seed of the shuffles."),
+        click.option("--no-randomize", is_flag=True, help="Skip the correlation-trap analysis."),
+        click.option("--trap-rule", default="ww", show_default=True,
+                     type=click.Choice(["ww", "tw"]),
+                     help="ww: WeightWatcher's rule; tw: Tracy-Widom 99.9%% above the exact "
+                          "MP edge."),
+        click.option("--fix-fingers", default="none", show_default=True,
+                     type=click.Choice(["none", "clip_xmax"])),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Allow *.bin/*.pt/*.pth checkpoints (loaded with "
+                          "torch.load(weights_only=True))."),
+        click.option("--format", "formats", default=ALL_FORMATS, show_default=True,
+                     metavar="LIST", help="Outputs to write, comma-separated: md,html,csv,json."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress output."),
+        click.option("--debug", is_flag=True, help="Show tracebacks on errors."),
+    ]):
+        f = deco(f)
+    return f
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="llm-audit: %(levelname)s: %(message)s")
+
+
+def _options(kw: dict) -> dict:
+    return dict(include=kw["include"], exclude=kw["exclude"], device=kw["device"],
+                seed=kw["seed"], randomize=not kw["no_randomize"], trap_rule=kw["trap_rule"],
+                fix_fingers=kw["fix_fingers"])
+
+
+@click.command(context_settings=_CTX)
 @click.argument("source")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: reports/<model name>/).")
-@click.option("--include", metavar="REGEX", help="Analyse only tensors whose name matches.")
-@click.option("--exclude", metavar="REGEX", help="Skip tensors whose name matches.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:i]")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the shuffles.")
-@click.option("--no-randomize", is_flag=True, help="Skip the correlation-trap analysis.")
-@click.option("--trap-rule", default="ww", show_default=True,
-              type=click.Choice(["ww", "tw"]),
-              help="ww: WeightWatcher's rule; tw: Tracy-Widom 99.9%% above the exact MP edge.")
-@click.option("--fix-fingers", default="none", show_default=True,
-              type=click.Choice(["none", "clip_xmax"]))
-@click.option("--allow-pickle", is_flag=True,
-              help="Allow *.bin/*.pt checkpoints (loaded with torch.load(weights_only=True)).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def audit_command(source, out, include, exclude, device, seed, no_randomize, trap_rule,
-                  fix_fingers, allow_pickle, quiet, debug):
+@_audit_options
+@click.option("--fail-on", metavar="EXPR",
+              help="Exit 1 if a matrix matches, e.g. 'rand_num_spikes>0,alpha<2' (',' = or).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted audit in --out without recomputing finished matrices.")
+@click.option("--log-json", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write JSON lines (start, one per matrix, end) to FILE.")
+def audit_command(source, out, fail_on, resume, log_json, **kw):
     """Audit the checkpoint SOURCE (a .safetensors file or a model folder)."""
-    from .pipeline import audit
+    from .failon import find_matches, parse_fail_on
+    from .journal import discard_journal
+    from .pipeline import audit, default_out
+    from .progress import JsonLog, ProgressBar, fan_out
+    from .report import parse_formats
+    from .spectra import MAX_SPECTRA
 
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="llm-audit: %(levelname)s: %(message)s")
-    with _Progress(quiet) as bar:
-        result = audit(source, include=include, exclude=exclude, device=device, seed=seed,
-                       randomize=not no_randomize, trap_rule=trap_rule, fix_fingers=fix_fingers,
-                       allow_pickle=allow_pickle, progress=bar.update)
-    out = out or Path("reports") / result.model
-    paths = result.write(out)
-    s = result.summary
-    if not quiet:
-        click.echo(f"{s['model']}: {s['matrices_analysed']} matrices, mean alpha "
-                   f"{s['mean_alpha']:.3f}, traps {s['total_traps']}, failed "
-                   f"{s['matrices_failed']}, skipped {s['tensors_skipped']} "
-                   f"({s['elapsed_seconds']:.1f} s)", err=True)
-        click.echo(f"reports: {', '.join(str(p) for p in paths)}", err=True)
-    return EXIT_OK
-
-
-class _Progress:
-    """A tqdm bar over matrices analysed (stderr); silent with --quiet or when not a tty."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.bar = None
-        if not quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(unit=" matrices", file=sys.stderr, leave=False)
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def update(self, result, nbytes: int) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(result.name[-40:])
+    _setup_logging(kw["debug"])
+    formats = parse_formats(kw["formats"])
+    conditions = parse_fail_on(fail_on) if fail_on else ()
+    out = out or default_out(source)
+    with contextlib.ExitStack() as stack:
+        bar = None if kw["quiet"] or not sys.stderr.isatty() else stack.enter_context(
+            ProgressBar())
+        jlog = stack.enter_context(JsonLog(log_json)) if log_json else None
+        result = audit(source, allow_pickle=kw["allow_pickle"], progress=fan_out(bar, jlog),
+                       workdir=out, resume=resume,
+                       max_spectra=MAX_SPECTRA if {"md", "html"} & set(formats) else 0,
+                       **_options(kw))
+        paths = result.write(out, formats)
+        discard_journal(out)
+        if not kw["quiet"]:
+            _echo_summary(result.summary, paths)
+        matches = find_matches(result.details, conditions)
+        for m in matches[:MAX_FAIL_LINES]:
+            click.echo(f"llm-audit: fail-on: {m}", err=True)
+        if len(matches) > MAX_FAIL_LINES:
+            click.echo(f"llm-audit: fail-on: ... and {len(matches) - MAX_FAIL_LINES} more",
+                       err=True)
+        code = EXIT_FAIL_ON if matches else EXIT_OK
+        if jlog is not None:
+            jlog.end(result.summary, code)
+    return code
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _echo_summary(s: dict, paths: list[Path]) -> None:
+    traps = "n/a" if s["total_traps"] is None else s["total_traps"]
+    click.echo(f"{s['model']}: {s['matrices_analysed']} matrices, mean alpha "
+               f"{s['mean_alpha']:.3f}, traps {traps}, failed {s['matrices_failed']}, "
+               f"skipped {s['tensors_skipped']} ({s['elapsed_seconds']:.1f} s)", err=True)
+    click.echo(f"reports: {', '.join(str(p) for p in paths)}", err=True)
+
+
+@click.command(context_settings=_CTX)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("reports/demo"), show_default=True, help="Output folder.")
 @click.option("--quiet", "-q", is_flag=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
-def demo_command(ctx, out, quiet):
+def demo_command(ctx, out, quiet, debug):
     """Audit a small built-in checkpoint with known answers (no download, no arguments)."""
     from .demo import write_demo_checkpoint
 
     path = write_demo_checkpoint(out / "llm-audit-demo")
-    return ctx.invoke(audit_command, source=str(path), out=out, quiet=quiet)
+    return ctx.forward(audit_command, source=str(path), out=out, quiet=quiet, debug=debug)
 
 
-SUBCOMMANDS = {"demo": demo_command}
+@click.command(context_settings=_CTX)
+@click.argument("a")
+@click.argument("b")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("reports/diff"), show_default=True, help="Output folder.")
+@_audit_options
+def diff_command(a, b, out, **kw):
+    """Compare A and B (checkpoints, or folders of earlier audits holding layers.csv):
+    per-matrix change of alpha, traps and log_norm, biggest changes first."""
+    from .diff import diff
+    from .report import parse_formats
+
+    _setup_logging(kw["debug"])
+    formats = parse_formats(kw["formats"])
+    result = diff(a, b, allow_pickle=kw["allow_pickle"], **_options(kw))
+    paths = result.write(out, formats)
+    if not kw["quiet"]:
+        s = result.summary
+        click.echo(f"{s['a']} -> {s['b']}: {s['matched']} matched, {s['only_a']} only in A, "
+                   f"{s['only_b']} only in B; mean dalpha {s['mean_d_alpha']:.3f}, "
+                   f"dtraps {s['total_d_traps']}", err=True)
+        click.echo(f"reports: {', '.join(str(p) for p in paths)}", err=True)
+    return EXIT_OK
+
+
+SUBCOMMANDS = {"demo": demo_command, "diff": diff_command}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,17 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         click.echo(f"llm-audit: error: {e.format_message()}", err=True)
         code = EXIT_ERROR
-    except click.exceptions.Abort:
-        click.echo("llm-audit: interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("llm-audit: interrupted (continue with --resume)", err=True)
         code = 130
-    except AuditError as e:
+    except (AuditError, OSError) as e:
         if debug:
             raise
-        click.echo(f"llm-audit: error: {e}", err=True)
+        click.echo(f"llm-audit: error: {_one_line(e)}", err=True)
         code = EXIT_ERROR
     if argv is None:
         sys.exit(code or 0)
     return code or 0
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +18,14 @@ import torch
 from . import __version__
 from .analysis import MatrixMeta, analyse_matrix
 from .decode import TensorReader, decode
-from .errors import AuditError
-from .hub import resolve_source
-from .moe import plan_checkpoint
+from .errors import AuditError, UsageError
+from .journal import Journal, job_key
 from .options import AuditOptions
+from .progress import AuditStarted, JobDone, Observer
 from .records import COLUMNS, MatrixResult
-from .routing import MatrixJob, Skipped
-from .source import Checkpoint
+from .routing import MatrixJob, Skipped, plan_dense
+from .source import Checkpoint, open_checkpoint
+from .spectra import MAX_SPECTRA, Spectra, compute_spectra, suspicious
 
 log = logging.getLogger(__name__)
 SKIPPED_COLUMNS = ("name", "dtype", "shape", "reason")
@@ -37,49 +39,83 @@ class AuditResult:
     details: pd.DataFrame
     skipped: pd.DataFrame
     summary: dict
+    spectra: tuple[Spectra, ...] = ()  # eigenvalues of the most suspicious matrices (figures)
 
     def write(self, out: str | Path, formats: tuple[str, ...] | None = None) -> list[Path]:
         from .report import FORMATS, write_reports
 
         return write_reports(Path(out), self.details, self.summary, self.skipped,
-                             formats or FORMATS)
+                             formats or FORMATS, spectra=self.spectra)
 
 
 def audit(source: str | Path, *, allow_pickle: bool = False,
-          progress: Callable[[MatrixResult, int], None] | None = None,
-          **options) -> AuditResult:
+          progress: Observer | None = None, workdir: str | Path | None = None,
+          resume: bool = False, max_spectra: int = MAX_SPECTRA, **options) -> AuditResult:
     """Audit a checkpoint (a .safetensors file or a model folder).
 
     Options are the fields of :class:`AuditOptions` (include, exclude, device, seed, randomize,
-    trap_rule, fix_fingers). `progress(result, bytes_read)` is called after every matrix.
+    trap_rule, fix_fingers). `progress(event)` gets an `AuditStarted` and then a `JobDone` per
+    job. With `workdir`, results are appended durably to `workdir/.partial/rows.jsonl` as they
+    are computed, and `resume=True` reuses the rows an interrupted run left there.
+    `max_spectra` matrices (the most suspicious) keep their eigenvalues for the figures.
     """
     opts = AuditOptions(**options)
+    if resume and workdir is None:
+        raise UsageError("--resume needs the output folder of the interrupted audit")
     t0 = time.perf_counter()
-    ckpt = resolve_source(source, opts, allow_pickle=allow_pickle)
+    ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
     jobs, skipped = plan(ckpt, opts)
-    rows = list(iter_audit(jobs, opts, progress=progress))
-    return assemble(ckpt, opts, rows, skipped, time.perf_counter() - t0)
+    with contextlib.ExitStack() as stack:
+        journal = stack.enter_context(Journal(workdir, resume)) if workdir is not None else None
+        rows = list(iter_audit(jobs, opts, progress=progress, journal=journal, model=ckpt.name))
+    result = assemble(ckpt, opts, rows, skipped, time.perf_counter() - t0)
+    if max_spectra > 0:
+        spectra = collect_spectra(jobs, result.details, opts, max_spectra)
+        result = dataclasses.replace(result, spectra=spectra)
+    return result
+
+
+def default_out(source: str | Path) -> Path:
+    """The default report folder: reports/<model name> (as the source stage names models)."""
+    p = Path(source)
+    if p.is_dir():
+        return Path("reports") / p.resolve().name
+    return Path("reports") / (p.parent.name if p.stem == "model" and p.parent.name else p.stem)
 
 
 def plan(ckpt: Checkpoint, opts: AuditOptions) -> tuple[list[MatrixJob], list[Skipped]]:
     """The matrix jobs of a checkpoint after --include/--exclude, and the skipped tensors."""
-    jobs, skipped = plan_checkpoint(ckpt.tensors, ckpt.config_dict)
-    jobs = [j for j in jobs if opts.wants(j.parts[0].name)]  # the stored tensor's name
+    jobs, skipped = plan_dense(ckpt.tensors)
+    jobs = [j for j in jobs if opts.wants(j.name)]
     skipped = [s for s in skipped if opts.wants(s.name)]
     return jobs, skipped
 
 
-def iter_audit(jobs: list[MatrixJob], opts: AuditOptions,
-               progress: Callable[[MatrixResult, int], None] | None = None
-               ) -> Iterator[MatrixResult]:
-    """Decode and analyse each job in turn; one bad matrix never stops the others."""
+def iter_audit(jobs: list[MatrixJob], opts: AuditOptions, progress: Observer | None = None,
+               journal: Journal | None = None, model: str = "") -> Iterator[MatrixResult]:
+    """Decode and analyse each job in turn; one bad matrix never stops the others.
+
+    A job whose rows are in `journal` (a resumed audit) is not recomputed; every computed job
+    is recorded there durably before its rows are yielded.
+    """
     device = opts.torch_device()
+    keys = [job_key(j, opts) for j in jobs] if journal is not None else [None] * len(jobs)
+    cached = [journal.cached(k) if journal is not None else None for k in keys]
+    total = sum(j.nbytes for j in jobs)
+    if progress is not None:
+        progress(AuditStarted(model, len(jobs), total, sum(c is not None for c in cached)))
+    done_bytes = 0
     with TensorReader() as reader:
-        for job in jobs:
-            for res in _run_job(job, reader, device, opts):
-                if progress is not None:
-                    progress(res, job.nbytes)
-                yield res
+        for i, (job, key, rows) in enumerate(zip(jobs, keys, cached, strict=True)):
+            hit = rows is not None
+            if not hit:
+                rows = tuple(_run_job(job, reader, device, opts))
+                if journal is not None:
+                    journal.record(key, rows)
+            done_bytes += job.nbytes
+            if progress is not None:
+                progress(JobDone(job.name, rows, i + 1, len(jobs), done_bytes, total, hit))
+            yield from rows
 
 
 def _run_job(job: MatrixJob, reader: TensorReader, device: torch.device,
@@ -87,9 +123,9 @@ def _run_job(job: MatrixJob, reader: TensorReader, device: torch.device,
     dtype = job.parts[0].dtype if job.scheme == "dense" else job.scheme
     try:
         for m in decode(job, reader, device):
-            meta = MatrixMeta(m.name, job.layer, m.module, m.expert, dtype)
-            res = analyse_matrix(m.W, meta, opts)
-            yield dataclasses.replace(res, nan_scales=m.nan_scales) if m.nan_scales else res
+            name = job.name if m.expert is None else f"{job.name}[{m.expert}]"
+            meta = MatrixMeta(name, job.layer, job.module, m.expert, dtype)
+            yield analyse_matrix(m.W, meta, opts)
     except AuditError as e:  # this job's bytes could not be decoded: a failed row
         shape = job.parts[0].shape
         log.warning("%s: %s", job.name, e)
@@ -132,3 +168,26 @@ def summarise(ckpt: Checkpoint, opts: AuditOptions, details: pd.DataFrame,
                      "python": platform.python_version()},
         "elapsed_seconds": elapsed,
     }
+
+
+def collect_spectra(jobs: list[MatrixJob], details: pd.DataFrame, opts: AuditOptions,
+                    limit: int = MAX_SPECTRA) -> tuple[Spectra, ...]:
+    """Re-read the most suspicious matrices and compute their spectra for the figures."""
+    wanted = dict(suspicious(details, limit))
+    if not wanted:
+        return ()
+    rows = {r["name"]: r for _, r in details[details["name"].isin(list(wanted))].iterrows()}
+    found: dict[str, Spectra] = {}
+    device = opts.torch_device()
+    with TensorReader() as reader:
+        for job in jobs:
+            if not any(n == job.name or n.startswith(job.name + "[") for n in wanted):
+                continue
+            try:
+                for m in decode(job, reader, device):
+                    name = job.name if m.expert is None else f"{job.name}[{m.expert}]"
+                    if name in wanted:
+                        found[name] = compute_spectra(m.W, rows[name], wanted[name], opts)
+            except (AuditError, RuntimeError) as e:
+                log.warning("%s: no spectrum for the report: %s", job.name, e)
+    return tuple(found[n] for n in wanted if n in found)

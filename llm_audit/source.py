@@ -11,7 +11,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Collection
+import shutil
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,24 +140,22 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, file_s
 
 
 def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False,
-                    revision: str | None = None, name: str | None = None,
-                    shards: Collection[str] | None = None) -> Checkpoint:
-    """Open a local ``.safetensors`` file or a folder (sharded with an index, or not).
-
-    `shards` (names from the index) restricts a sharded folder to those shards: the others
-    need not be present (a partial hub download).
-    """
+                    revision: str | None = None, name: str | None = None) -> Checkpoint:
+    """Open a local ``.safetensors`` file or a folder (sharded with an index, or not)."""
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder (give a .safetensors file, a model "
                           "folder, or a hub id org/name)")
     root = path if path.is_dir() else path.parent
     config = _read_text(root / "config.json") if (root / "config.json").is_file() else "{}"
-    if path.is_dir():
-        files, weight_map = _folder_files(path, shards)
+    if path.is_dir() and allow_pickle and _pickle_only_folder(path):
+        files, weight_map = _pickle_files(path), None
+    elif path.is_dir():
+        files, weight_map = _folder_files(path)
     else:
         _refuse_pickle(path, allow_pickle)
         files, weight_map = [path], None
+    files, converted = _convert_pickles(files)
     tensors, metadata = [], {}
     for f in files:
         ts, meta = read_header(f)
@@ -165,12 +164,13 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False,
             ts = [t for t in ts if weight_map.get(t.name) == f.name]
         tensors.extend(ts)
     if weight_map is not None:
-        names = {f.name for f in files}
-        _check_index_complete(path, {k: v for k, v in weight_map.items() if Path(v).name in names},
-                              {t.name for t in tensors})
+        _check_index_complete(path, weight_map, {t.name for t in tensors})
     model_name = name or (path.name if path.is_dir() else _model_name_for_file(path))
-    return Checkpoint(model_name, root, tuple(files), tuple(tensors), config, revision,
+    ckpt = Checkpoint(model_name, root, tuple(files), tuple(tensors), config, revision,
                       tuple(sorted(metadata.items())))
+    if converted is not None:  # the temporary safetensors live as long as the checkpoint
+        weakref.finalize(ckpt, shutil.rmtree, converted, True)
+    return ckpt
 
 
 def _model_name_for_file(path: Path) -> str:
@@ -184,13 +184,11 @@ def _read_text(path: Path) -> str:
         raise FormatError(f"{path}: cannot read ({e})") from e
 
 
-def _folder_files(folder: Path, shards: Collection[str] | None = None
-                  ) -> tuple[list[Path], dict[str, str] | None]:
+def _folder_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     index = folder / INDEX_NAME
     if index.is_file():
         weight_map = load_weight_map(index)
-        wanted = sorted(s for s in set(weight_map.values()) if shards is None or s in shards)
-        return [safe_child(folder, s, index) for s in wanted], weight_map
+        return [safe_child(folder, s, index) for s in sorted(set(weight_map.values()))], weight_map
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files, None
@@ -214,14 +212,13 @@ def load_weight_map(index: Path) -> dict[str, str]:
 
 
 def safe_child(folder: Path, shard: str, index: Path) -> Path:
-    """Resolve a shard name from an index, refusing names that leave the model folder.
-
-    The check is on the name (a hub cache snapshot holds symlinks into ``../../blobs``).
-    """
+    """Resolve a shard name from an index, refusing names that leave the model folder."""
     p = Path(shard)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
+    base = folder.resolve()
+    target = (folder / p).resolve()
+    if p.is_absolute() or ".." in p.parts or base not in target.parents:
         raise FormatError(f"{index}: shard name {shard!r} leaves the model folder; refusing it")
-    if not (folder / p).is_file():
+    if not target.is_file():
         raise SourceError(f"{index}: shard {shard!r} is listed but missing from {folder}")
     return folder / p
 
@@ -238,9 +235,27 @@ def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
     if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise SourceError(f"{path}: pickle checkpoints are not opened by default (unpickling runs "
                           "code); convert to safetensors or pass --allow-pickle")
-    if path.suffix in PICKLE_SUFFIXES:
-        raise SourceError(f"{path}: pickle checkpoints are not supported yet; convert it with "
-                          "safetensors.torch.save_file")
+
+
+def _pickle_only_folder(folder: Path) -> bool:
+    return not any(folder.glob("*.safetensors")) and not (folder / INDEX_NAME).is_file() \
+        and bool(_pickle_files(folder))
+
+
+def _pickle_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
+def _convert_pickles(files: list[Path]) -> tuple[list[Path], Path | None]:
+    """Pickle files (allowed by then) -> temporary safetensors, loaded with weights_only=True."""
+    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+    if not pickles:
+        return files, None
+    from .pickle_source import convert_pickles
+
+    tmp, converted = convert_pickles(pickles)
+    by_src = dict(zip(pickles, converted, strict=True))
+    return [by_src.get(f, f) for f in files], tmp
 
 
 def read_bytes(info: TensorInfo, handle) -> bytearray:

@@ -1,4 +1,8 @@
-"""report.md: a summary a person reads in a PR comment, the flagged matrices, the full table."""
+"""report.md: a summary a person reads in a PR comment, the flagged matrices, the pictures.
+
+Names from the checkpoint are written as code spans (so no header name can inject a link, an
+image or HTML into the comment) with table-breaking characters escaped.
+"""
 
 from __future__ import annotations
 
@@ -8,58 +12,97 @@ import pandas as pd
 
 TABLE_COLUMNS = ("name", "layer", "module", "expert", "N", "M", "alpha", "D", "num_pl_spikes",
                  "log_norm", "rand_num_spikes", "max_rand_eval", "rand_bulk_max", "warning")
+MAX_FLAGGED_ROWS = 50
+MAX_TABLE_ROWS = 300
 
 
-def render_markdown(details: pd.DataFrame, summary: dict, skipped: pd.DataFrame) -> str:
+def render_markdown(details: pd.DataFrame, summary: dict, skipped: pd.DataFrame,
+                    figures: list[tuple[str, str]] = ()) -> str:
+    """`figures`: (title, relative path) of PNGs written beside report.md."""
     s = summary
-    lines = [f"# llm-audit: {s['model']}", ""]
+    lines = [f"# llm-audit: {_code(s['model'])}", ""]
     if s.get("revision"):
-        lines += [f"Revision `{s['revision']}`.", ""]
-    lines += [
-        "| | |", "|---|---|",
-        f"| matrices analysed | {s['matrices_analysed']} |",
-        f"| matrices failed | {s['matrices_failed']} |",
-        f"| tensors skipped | {s['tensors_skipped']} |",
-        f"| mean α | {_fmt(s['mean_alpha'])} |",
-        f"| over-trained (α < 2) | {s['num_over_trained']} |",
-        f"| under-trained (α > 6) | {s['num_under_trained']} |",
-        f"| correlation traps (total) | {s['total_traps']} |",
-        f"| matrices with traps | {s['matrices_with_traps']} |",
-        f"| trap rule | `{s['options']['trap_rule']}` |",
-        f"| elapsed | {s['elapsed_seconds']:.1f} s |", "",
-        "α is the power-law exponent of the eigenvalue spectrum's tail (≈ 2 ideal, < 2 over-fit, "
-        "> 6 under-trained); a correlation trap is an eigenvalue of the element-shuffled matrix "
-        "beyond its Marchenko–Pastur bulk.", "",
-    ]
+        lines += [f"Revision {_code(s['revision'])}.", ""]
+    lines += _summary_table(s)
     flagged = details[(details["warning"].fillna("") != "") | (details["rand_num_spikes"] > 0)]
     lines += [f"## Flagged matrices ({len(flagged)})", ""]
-    lines += _table(flagged) if len(flagged) else ["None.", ""]
+    lines += _table(flagged, MAX_FLAGGED_ROWS) if len(flagged) else ["None.", ""]
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"![{_text(title)}]({path})\n" for title, path in figures]
     if len(skipped):
         lines += [f"## Skipped tensors ({len(skipped)})", "", "| name | dtype | shape | reason |",
                   "|---|---|---|---|"]
-        lines += [f"| {_esc(r.name)} | {r.dtype} | {list(r.shape)} | {_esc(r.reason)} |"
-                  for r in skipped.itertuples()] + [""]
-    lines += [f"## All matrices ({len(details)})", ""] + _table(details)
-    return "\n".join(lines) + "\n"
+        lines += [f"| {_code(r.name)} | {_cell(r.dtype)} | {list(r.shape)} | {_cell(r.reason)} |"
+                  for r in skipped.head(MAX_TABLE_ROWS).itertuples()] + [""]
+    lines += [f"<details><summary>All matrices ({len(details)})</summary>", ""]
+    lines += _table(details, MAX_TABLE_ROWS) + ["</details>", ""]
+    return "\n".join(lines)
 
 
-def _table(df: pd.DataFrame) -> list[str]:
+def _summary_table(s: dict) -> list[str]:
+    rows = [
+        ("matrices analysed", s["matrices_analysed"]), ("matrices failed", s["matrices_failed"]),
+        ("tensors skipped", s["tensors_skipped"]), ("mean α", _fmt(s["mean_alpha"])),
+        ("over-trained (α < 2)", s["num_over_trained"]),
+        ("under-trained (α > 6)", s["num_under_trained"]),
+        ("correlation traps (total)", s["total_traps"]),
+        ("matrices with traps", s["matrices_with_traps"]),
+        ("trap rule", f"`{s['options']['trap_rule']}`"),
+        ("elapsed", f"{s['elapsed_seconds']:.1f} s"),
+    ]
+    return (["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows] + [
+        "", "α is the power-law exponent of the eigenvalue spectrum's tail (≈ 2 ideal, < 2 "
+        "over-fit, > 6 under-trained); a correlation trap is an eigenvalue of the element-shuffled "
+        "matrix beyond its Marchenko–Pastur bulk.", ""])
+
+
+def _table(df: pd.DataFrame, limit: int) -> list[str]:
     cols = [c for c in TABLE_COLUMNS if c in df.columns]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df[cols].itertuples(index=False):
-        out.append("| " + " | ".join(_esc(_fmt(v)) for v in row) + " |")
+    for row in df[cols].head(limit).itertuples(index=False):
+        cells = [_code(v) if c == "name" else _cell(_fmt(v)) for c, v in zip(cols, row,
+                                                                             strict=True)]
+        out.append("| " + " | ".join(cells) + " |")
+    if len(df) > limit:
+        out.append(f"\n… and {len(df) - limit} more (see layers.csv).")
     return out + [""]
 
 
 def _fmt(v) -> str:
-    if v is None:
+    if v is None or v is pd.NA:
         return ""
     if isinstance(v, float):
-        if math.isnan(v):
-            return ""
-        return f"{v:.4g}"
+        return "" if math.isnan(v) else f"{v:.4g}"
     return str(v)
 
 
-def _esc(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+def _code(text) -> str:
+    """A code span that holds any text: backtick fence longer than any run inside."""
+    t = " ".join(str(text).split("\n")).replace("|", "\\|")
+    fence = "`" * (max((len(x) for x in _backtick_runs(t)), default=0) + 1)
+    pad = " " if t.startswith("`") or t.endswith("`") else ""
+    return f"{fence}{pad}{t}{pad}{fence}"
+
+
+def _backtick_runs(t: str) -> list[str]:
+    runs, cur = [], ""
+    for ch in t:
+        if ch == "`":
+            cur += ch
+        elif cur:
+            runs.append(cur)
+            cur = ""
+    return runs + ([cur] if cur else [])
+
+
+def _cell(text: str) -> str:
+    """Plain text in a table cell: no HTML, no markdown links or emphasis."""
+    t = " ".join(str(text).split("\n"))
+    for ch in "\\`*_[]|<>!":
+        t = t.replace(ch, "\\" + ch)
+    return t
+
+
+def _text(text: str) -> str:
+    return _cell(text)

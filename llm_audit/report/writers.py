@@ -1,4 +1,7 @@
-"""Writers for layers.csv, summary.json and report.md. Every file is written atomically."""
+"""Writers for layers.csv, summary.json, report.md (+ figures/*.png) and report.html.
+
+Every file is written atomically: a crash never leaves a half-written file in place of a good one.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +12,31 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import UsageError
 from .markdown import render_markdown
 
-FORMATS = ("md", "csv", "json")
+FORMATS = ("md", "html", "csv", "json")
+FIGURES_DIR = "figures"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a crash never leaves a half-written file in its place."""
+def parse_formats(text: str) -> tuple[str, ...]:
+    """'md,html' -> ('md', 'html'); raises UsageError on an unknown format or an empty list."""
+    chosen = tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
+    bad = [f for f in chosen if f not in FORMATS]
+    if bad or not chosen:
+        raise UsageError(f"--format: unknown format {bad[0] if bad else text!r}; choose from "
+                         f"{','.join(FORMATS)}")
+    return chosen
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` so that a crash never leaves a half-written file in its place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; reports are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,7 +46,7 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def write_reports(out: Path, details: pd.DataFrame, summary: dict, skipped: pd.DataFrame,
-                  formats: tuple[str, ...] = FORMATS) -> list[Path]:
+                  formats: tuple[str, ...] = FORMATS, spectra: tuple = ()) -> list[Path]:
     """Write the chosen report formats into `out`; returns the paths written."""
     out = Path(out)
     written = []
@@ -40,9 +56,25 @@ def write_reports(out: Path, details: pd.DataFrame, summary: dict, skipped: pd.D
     if "json" in formats:
         written.append(out / "summary.json")
         atomic_write(written[-1], json.dumps(summary, indent=2, default=_jsonable) + "\n")
+    figures = []
+    if "md" in formats or "html" in formats:
+        from .figures import make_figures
+
+        figures = make_figures(details, spectra)
     if "md" in formats:
+        links = []
+        for f in figures:
+            path = out / FIGURES_DIR / f"{f.key}.png"
+            atomic_write(path, f.png)
+            links.append((f.title if not f.caption else f"{f.title}: {f.caption}",
+                          f"{FIGURES_DIR}/{f.key}.png"))
         written.append(out / "report.md")
-        atomic_write(written[-1], render_markdown(details, summary, skipped))
+        atomic_write(written[-1], render_markdown(details, summary, skipped, links))
+    if "html" in formats:
+        from .html import render_html
+
+        written.append(out / "report.html")
+        atomic_write(written[-1], render_html(details, summary, skipped, figures))
     return written
 
 

@@ -1,0 +1,83 @@
+"""Durable, resumable audit results: one JSON line per finished job under ``OUT/.partial/``.
+
+Each line holds a job's result rows keyed by the job's fingerprint (the options that change
+results, the tensor parts' files, offsets, dtypes and shapes). A line is appended, flushed and
+fsync'ed as soon as the job is done, so a killed audit loses at most the job in flight; a
+truncated last line is ignored. ``--resume`` reuses the rows whose fingerprint still matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from . import __version__
+from .options import AuditOptions
+from .records import COLUMNS, MatrixResult
+from .routing import MatrixJob
+
+log = logging.getLogger(__name__)
+PARTIAL_DIR = ".partial"
+ROWS_FILE = "rows.jsonl"
+_RESULT_OPTIONS = ("seed", "randomize", "trap_rule", "fix_fingers")
+
+
+def job_key(job: MatrixJob, opts: AuditOptions) -> str:
+    """What decides a job's result rows: options, code version, and where its bytes live."""
+    parts = [(p.name, p.file.name, p.file.stat().st_size, p.begin, p.end, p.dtype, list(p.shape))
+             for p in job.parts]
+    ident = {"version": __version__, "options": {k: getattr(opts, k) for k in _RESULT_OPTIONS},
+             "job": [job.name, job.scheme, job.layer, job.module, job.expert], "parts": parts}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class Journal:
+    """Append-only record of finished jobs in `folder/.partial/rows.jsonl` (context manager)."""
+
+    def __init__(self, folder: str | Path, resume: bool = False) -> None:
+        self.dir = Path(folder) / PARTIAL_DIR
+        self.path = self.dir / ROWS_FILE
+        self.done: dict[str, tuple[MatrixResult, ...]] = self._load() if resume else {}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def cached(self, key: str) -> tuple[MatrixResult, ...] | None:
+        return self.done.get(key)
+
+    def record(self, key: str, rows: tuple[MatrixResult, ...]) -> None:
+        line = json.dumps({"key": key, "rows": [r.as_row() for r in rows]})
+        self._file.write(line + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _load(self) -> dict[str, tuple[MatrixResult, ...]]:
+        done: dict[str, tuple[MatrixResult, ...]] = {}
+        if not self.path.is_file():
+            return done
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    rows = tuple(MatrixResult(**{k: v for k, v in r.items() if k in COLUMNS})
+                                 for r in entry["rows"])
+                except (ValueError, KeyError, TypeError):
+                    log.info("%s: ignoring an incomplete line", self.path)
+                    continue
+                done[entry["key"]] = rows
+        log.info("%s: %d finished jobs to resume from", self.path, len(done))
+        return done
+
+
+def discard_journal(folder: str | Path) -> None:
+    """Remove `folder/.partial` once the reports are written."""
+    shutil.rmtree(Path(folder) / PARTIAL_DIR, ignore_errors=True)

@@ -1,0 +1,84 @@
+"""Reports of `llm-audit diff`: diff.csv, diff.json, diff.md and a self-contained diff.html."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .html import environment, fmt, table
+from .markdown import _code, _fmt
+from .writers import atomic_write
+
+MAX_MD_ROWS = 50
+NUMERIC = ("alpha_a", "alpha_b", "d_alpha", "traps_a", "traps_b", "d_traps", "log_norm_a",
+           "log_norm_b", "d_log_norm")
+
+
+def write_diff_reports(out: Path, result, formats: tuple[str, ...]) -> list[Path]:
+    written = []
+    if "csv" in formats:
+        written.append(out / "diff.csv")
+        atomic_write(written[-1], result.table.to_csv(index=False))
+    if "json" in formats:
+        written.append(out / "diff.json")
+        data = {"summary": result.summary, "only_a": list(result.only_a),
+                "only_b": list(result.only_b)}
+        atomic_write(written[-1], json.dumps(_clean(data), indent=2) + "\n")
+    if "md" in formats:
+        written.append(out / "diff.md")
+        atomic_write(written[-1], render_diff_markdown(result))
+    if "html" in formats:
+        written.append(out / "diff.html")
+        atomic_write(written[-1], render_diff_html(result))
+    return written
+
+
+def render_diff_markdown(result) -> str:
+    s = result.summary
+    t = result.table
+    lines = [f"# llm-audit diff: {_code(s['a'])} → {_code(s['b'])}", "",
+             "| | |", "|---|---|",
+             f"| matrices matched | {s['matched']} |",
+             f"| only in A / only in B | {s['only_a']} / {s['only_b']} |",
+             f"| mean Δα | {_fmt(s['mean_d_alpha'])} |",
+             f"| largest \\|Δα\\| | {_fmt(s['max_abs_d_alpha'])} |",
+             f"| Δtraps (total) | {s['total_d_traps']} |",
+             f"| matrices gaining traps | {s['matrices_gaining_traps']} |", "",
+             f"## Biggest changes ({min(len(t), MAX_MD_ROWS)} of {len(t)})", "",
+             "| name | α A | α B | Δα | traps A | traps B | Δtraps | Δlog_norm |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in t.head(MAX_MD_ROWS).itertuples():
+        lines.append(f"| {_code(r.name)} | {_fmt(r.alpha_a)} | {_fmt(r.alpha_b)} | "
+                     f"{_fmt(r.d_alpha)} | {_fmt(r.traps_a)} | {_fmt(r.traps_b)} | "
+                     f"{_fmt(r.d_traps)} | {_fmt(r.d_log_norm)} |")
+    lines.append("")
+    for label, names in (("Only in A", result.only_a), ("Only in B", result.only_b)):
+        if names:
+            lines += [f"## {label} ({len(names)})", ""]
+            lines += [f"- {_code(n)}" for n in names[:MAX_MD_ROWS]]
+            if len(names) > MAX_MD_ROWS:
+                lines.append(f"- … and {len(names) - MAX_MD_ROWS} more (see diff.json)")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def render_diff_html(result) -> str:
+    cols = ("name", "layer", "module", "expert") + NUMERIC + ("warning_a", "warning_b")
+    data = table(result.table, cols, set(NUMERIC) | {"layer", "expert"})
+    s = result.summary
+    return environment().get_template("diff.html.j2").render(
+        title=f"llm-audit diff: {s['a']} → {s['b']}",
+        summary=[(k.replace("_", " "), fmt(v)) for k, v in s.items()],
+        table=data, only_a=list(result.only_a), only_b=list(result.only_b))
+
+
+def _clean(x):
+    """JSON-safe: NaN -> null, numpy scalars -> Python numbers."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item"):
+        x = x.item()
+    return None if isinstance(x, float) and not math.isfinite(x) else x

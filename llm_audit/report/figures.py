@@ -1,0 +1,179 @@
+"""Matplotlib figures of an audit, rendered to PNG bytes (embedded in HTML, linked from md).
+
+Header names are drawn with '$' escaped, so matplotlib's mathtext never parses a hostile tensor
+name; file names of figures never come from header names.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..spectra import Spectra
+
+DPI = 80
+_RC = {"font.size": 9, "axes.titlesize": 9,
+       "figure.max_open_warning": 0, "svg.fonttype": "none"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str  # file stem: alpha_by_layer, traps_by_layer, experts, spectra_01, ...
+    title: str
+    png: bytes
+    caption: str = ""
+
+
+def make_figures(details: pd.DataFrame, spectra: tuple[Spectra, ...] = ()) -> list[Figure]:
+    """Summary figures plus one figure per suspicious matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    out = []
+    with plt.rc_context(_RC):
+        ok = details[details["status"] == "ok"]
+        if ok["layer"].notna().any():
+            out.append(_alpha_by_layer(plt, ok))
+            out.append(_traps_by_layer(plt, ok))
+        if details["expert"].notna().any():
+            out.append(_expert_heatmap(plt, ok))
+        for i, sp in enumerate(spectra, 1):
+            out.append(_spectra_figure(plt, sp, i))
+    return out
+
+
+def _png(plt, fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=DPI)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _alpha_by_layer(plt, ok: pd.DataFrame) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    d = ok[ok["layer"].notna() & ok["alpha"].notna()]
+    for module, g in d.groupby("module", sort=True):
+        m = g.groupby("layer")["alpha"].mean().sort_index()
+        ax.plot(m.index.astype(int), m.values, marker="o", ms=3, label=str(module))
+    ax.axhspan(2, 6, color="tab:green", alpha=0.08, lw=0)
+    ax.axhline(2, color="tab:red", lw=0.8, ls="--")
+    ax.axhline(6, color="tab:orange", lw=0.8, ls="--")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("α (mean over experts)")
+    ax.set_title("α by layer depth (2–6 shaded: well trained)")
+    if d["module"].nunique() <= 12:
+        ax.legend(fontsize=7, ncol=2, loc="best")
+    return Figure("alpha_by_layer", "α by layer depth, per module type", _png(plt, fig),
+                  "Below the red line (α < 2): over-fit; above the orange line (α > 6): "
+                  "under-trained.")
+
+
+def _traps_by_layer(plt, ok: pd.DataFrame) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 2.8))
+    d = ok[ok["layer"].notna()]
+    t = d.groupby("layer")["rand_num_spikes"].sum().sort_index()
+    ax.bar(t.index.astype(int), t.values, color="tab:red")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("traps")
+    ax.set_title(f"correlation traps by layer (total {int(t.sum())})")
+    return Figure("traps_by_layer", "Correlation traps by layer", _png(plt, fig))
+
+
+def _expert_heatmap(plt, ok: pd.DataFrame) -> Figure:
+    d = ok[ok["expert"].notna() & ok["layer"].notna()]
+    alpha = d.pivot_table(index="layer", columns="expert", values="alpha", aggfunc="mean")
+    traps = d.pivot_table(index="layer", columns="expert", values="rand_num_spikes",
+                          aggfunc="sum")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, table, label, cmap in ((axes[0], alpha, "α (mean over modules)", "viridis"),
+                                   (axes[1], traps, "traps (sum over modules)", "Reds")):
+        data = table.to_numpy(dtype=float) if table.size else np.zeros((1, 1))
+        im = ax.imshow(data, aspect="auto", cmap=cmap, interpolation="nearest")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title(label)
+        if table.size:
+            _ticks(ax, table)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return Figure("experts", "Layer × expert heatmap", _png(plt, fig))
+
+
+def _ticks(ax, table: pd.DataFrame) -> None:
+    for axis, labels in ((ax.set_yticks, table.index), (ax.set_xticks, table.columns)):
+        step = max(1, len(labels) // 16)
+        pos = list(range(0, len(labels), step))
+        axis(pos, [str(int(labels[p])) for p in pos])
+
+
+def _spectra_figure(plt, sp: Spectra, i: int) -> Figure:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
+    _esd_panel(a1, sp)
+    _shuffled_panel(a2, sp)
+    fig.suptitle(_short(sp.name, 90), fontsize=9)
+    return Figure(f"spectra_{i:02d}", sp.name, _png(plt, fig), sp.reason)
+
+
+def _esd_panel(ax, sp: Spectra) -> None:
+    lam = np.asarray(sp.evals, dtype=float)
+    lam = lam[lam > 1e-5]
+    ax.set_title("ESD (log–log) with power-law fit")
+    if len(lam) < 2:
+        ax.text(0.5, 0.5, "no spectrum", ha="center", transform=ax.transAxes)
+        return
+    bins = np.logspace(math.log10(lam.min()), math.log10(lam.max()) + 1e-9, 60)
+    ax.hist(lam, bins=bins, density=True, color="tab:blue", alpha=0.6, label="ESD")
+    if math.isfinite(sp.alpha) and math.isfinite(sp.xmin) and sp.alpha > 1:
+        x = np.logspace(math.log10(sp.xmin), math.log10(lam.max()), 50)
+        frac = (lam >= sp.xmin).mean()
+        y = frac * (sp.alpha - 1) / sp.xmin * (x / sp.xmin) ** -sp.alpha
+        ax.plot(x, y, color="tab:red", lw=1.5, label=f"power law α={sp.alpha:.2f}")
+        ax.axvline(sp.xmin, color="tab:red", ls="--", lw=0.8, label=f"xmin={sp.xmin:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("λ")
+    ax.legend(fontsize=7)
+
+
+def _shuffled_panel(ax, sp: Spectra) -> None:
+    lam = np.asarray(sp.rand_evals, dtype=float)
+    ax.set_title("shuffled ESD vs Marchenko–Pastur")
+    if len(lam) < 2:
+        ax.text(0.5, 0.5, "not randomized", ha="center", transform=ax.transAxes)
+        return
+    lam = lam[lam > lam.max() * 1e-9]
+    bulk = lam[lam <= sp.trap_threshold] if math.isfinite(sp.trap_threshold) else lam
+    bins = np.logspace(math.log10(lam.min()), math.log10(lam.max() * 1.05), 80)
+    ax.hist(lam, bins=bins, density=True, color="tab:gray", alpha=0.6, label="shuffled ESD")
+    if math.isfinite(sp.rand_bulk_max):
+        x = np.logspace(math.log10(lam.min()), math.log10(sp.rand_bulk_max), 400)
+        ax.plot(x, mp_density(x, sp.rand_bulk_max, sp.N / sp.M) * len(bulk) / len(lam),
+                color="tab:green", lw=1.5, label="MP density")
+        ax.axvline(sp.rand_bulk_max, color="tab:green", ls="--", lw=0.8, label="MP edge")
+    traps = lam[lam > sp.trap_threshold] if math.isfinite(sp.trap_threshold) else lam[:0]
+    for k, v in enumerate(traps):
+        ax.axvline(v, color="tab:red", lw=1.2, label="trap" if k == 0 else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("λ (shuffled W), log scale")
+    ax.legend(fontsize=7)
+
+
+def mp_density(x: np.ndarray, bulk_max: float, Q: float) -> np.ndarray:
+    """MP density of eigenvalues of XᵀX with aspect ratio Q >= 1 whose upper edge is bulk_max."""
+    y = 1 / Q
+    s = bulk_max / (1 + math.sqrt(y)) ** 2
+    a, b = s * (1 - math.sqrt(y)) ** 2, bulk_max
+    with np.errstate(all="ignore"):
+        d = np.sqrt(np.clip((b - x) * (x - a), 0, None)) / (2 * math.pi * s * y * x)
+    return np.nan_to_num(np.where((x > a) & (x < b), d, 0.0))
+
+
+def _short(text: str, n: int) -> str:
+    text = text if len(text) <= n else "…" + text[-(n - 1):]
+    return text.replace("$", r"\$")

@@ -1,0 +1,93 @@
+"""Eigenvalue spectra of the most suspicious matrices, for the report's figures.
+
+The result table holds no eigenvalues; a report recomputes them for at most `MAX_SPECTRA`
+matrices (traps, α < 2, failed fits), so memory stays bounded and layers.csv stays small. The
+shuffles use the same per-matrix seeds as the audit, so the pictures show the audited spectra.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from . import detect, spectral
+from .analysis import matrix_generator
+from .options import AuditOptions
+
+MAX_SPECTRA = 12
+
+
+@dataclass(frozen=True)
+class Spectra:
+    """One matrix's ESD and shuffled ESD with the fitted quantities the figures mark."""
+
+    name: str
+    N: int
+    M: int
+    reason: str  # why it was picked: "3 traps", "alpha 1.52 < 2", "failed: ..."
+    evals: tuple[float, ...]  # ESD of W (eigenvalues of WᵀW), ascending
+    rand_evals: tuple[float, ...]  # ESD of the element-shuffled W (pooled shuffles), ascending
+    alpha: float
+    xmin: float
+    num_pl_spikes: int
+    rand_bulk_max: float  # MP edge of the shuffled ESD
+    trap_threshold: float
+    rand_num_spikes: int
+
+
+def suspicious(details: pd.DataFrame, limit: int = MAX_SPECTRA) -> list[tuple[str, str]]:
+    """(name, reason) of the most suspicious matrices: most traps, then lowest α < 2, then
+    failed fits; at most `limit`."""
+    d = details.reset_index(drop=True)
+    traps = d[d["rand_num_spikes"].fillna(0) > 0].sort_values("rand_num_spikes", ascending=False,
+                                                               kind="stable")
+    low = d[(d["alpha"] < 2) & (d["rand_num_spikes"].fillna(0) == 0)].sort_values(
+        "alpha", kind="stable")
+    failed = d[d["status"] != "ok"]
+    picked: dict[str, str] = {}
+    for r in traps.itertuples():
+        picked.setdefault(r.name, f"{int(r.rand_num_spikes)} correlation trap(s)")
+    for r in low.itertuples():
+        picked.setdefault(r.name, f"alpha {r.alpha:.2f} < 2")
+    for r in failed.itertuples():
+        picked.setdefault(r.name, str(r.warning))
+    return list(picked.items())[:limit]
+
+
+def compute_spectra(W: torch.Tensor, row: pd.Series, reason: str,
+                    opts: AuditOptions) -> Spectra:
+    """The ESD and shuffled ESD of W, and the row's fitted marks; empty spectra if W is not
+    finite (a failed matrix)."""
+    N, M = max(W.shape), min(W.shape)
+    evals: tuple[float, ...] = ()
+    rand: tuple[float, ...] = ()
+    if bool(torch.isfinite(W).all()) and bool((W != 0).any()):
+        evals = tuple(spectral.esd(W).cpu().tolist())
+        if opts.randomize:
+            rand = tuple(_shuffled_esd(W, str(row["name"]), opts))
+    return Spectra(name=str(row["name"]), N=N, M=M, reason=reason, evals=evals, rand_evals=rand,
+                   alpha=_f(row["alpha"]), xmin=_f(row["xmin"]),
+                   num_pl_spikes=int(row["num_pl_spikes"]),
+                   rand_bulk_max=_f(row["rand_bulk_max"]),
+                   trap_threshold=_f(row["trap_threshold"]),
+                   rand_num_spikes=int(row["rand_num_spikes"]))
+
+
+def _shuffled_esd(W: torch.Tensor, name: str, opts: AuditOptions) -> list[float]:
+    gen = matrix_generator(opts.seed, name, W.device)
+    if opts.trap_rule == "tw":  # the tw rule shuffles the mean-removed matrix
+        X = W.to(torch.float64)
+        return sorted(spectral.esd(detect.shuffle(X - X.mean(), gen)).cpu().tolist())
+    reps = detect.WW_SMALL_REPS if min(W.shape) < detect.WW_SMALL_M else 1
+    pooled = torch.cat([spectral.esd(detect.shuffle(W, gen)) for _ in range(reps)])
+    return sorted(pooled.cpu().tolist())
+
+
+def _f(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
