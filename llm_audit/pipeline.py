@@ -19,12 +19,14 @@ from . import __version__
 from .analysis import MatrixMeta, analyse_matrix
 from .decode import TensorReader, decode
 from .errors import AuditError, UsageError
+from .hub import resolve_source
 from .journal import Journal, job_key
+from .moe import plan_checkpoint
 from .options import AuditOptions
 from .progress import AuditStarted, JobDone, Observer
 from .records import COLUMNS, MatrixResult
-from .routing import MatrixJob, Skipped, plan_dense
-from .source import Checkpoint, open_checkpoint
+from .routing import MatrixJob, Skipped
+from .source import Checkpoint
 from .spectra import MAX_SPECTRA, Spectra, compute_spectra, suspicious
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def audit(source: str | Path, *, allow_pickle: bool = False,
     if resume and workdir is None:
         raise UsageError("--resume needs the output folder of the interrupted audit")
     t0 = time.perf_counter()
-    ckpt = open_checkpoint(source, allow_pickle=allow_pickle)
+    ckpt = resolve_source(source, opts, allow_pickle=allow_pickle)
     jobs, skipped = plan(ckpt, opts)
     with contextlib.ExitStack() as stack:
         journal = stack.enter_context(Journal(workdir, resume)) if workdir is not None else None
@@ -85,8 +87,8 @@ def default_out(source: str | Path) -> Path:
 
 def plan(ckpt: Checkpoint, opts: AuditOptions) -> tuple[list[MatrixJob], list[Skipped]]:
     """The matrix jobs of a checkpoint after --include/--exclude, and the skipped tensors."""
-    jobs, skipped = plan_dense(ckpt.tensors)
-    jobs = [j for j in jobs if opts.wants(j.name)]
+    jobs, skipped = plan_checkpoint(ckpt.tensors, ckpt.config_dict)
+    jobs = [j for j in jobs if opts.wants(j.parts[0].name)]  # the stored tensor's name
     skipped = [s for s in skipped if opts.wants(s.name)]
     return jobs, skipped
 
@@ -123,9 +125,9 @@ def _run_job(job: MatrixJob, reader: TensorReader, device: torch.device,
     dtype = job.parts[0].dtype if job.scheme == "dense" else job.scheme
     try:
         for m in decode(job, reader, device):
-            name = job.name if m.expert is None else f"{job.name}[{m.expert}]"
-            meta = MatrixMeta(name, job.layer, job.module, m.expert, dtype)
-            yield analyse_matrix(m.W, meta, opts)
+            meta = MatrixMeta(m.name, job.layer, m.module, m.expert, dtype)
+            res = analyse_matrix(m.W, meta, opts)
+            yield dataclasses.replace(res, nan_scales=m.nan_scales) if m.nan_scales else res
     except AuditError as e:  # this job's bytes could not be decoded: a failed row
         shape = job.parts[0].shape
         log.warning("%s: %s", job.name, e)
@@ -181,11 +183,12 @@ def collect_spectra(jobs: list[MatrixJob], details: pd.DataFrame, opts: AuditOpt
     device = opts.torch_device()
     with TensorReader() as reader:
         for job in jobs:
-            if not any(n == job.name or n.startswith(job.name + "[") for n in wanted):
+            if not any(n == job.name or n.startswith((job.name + "[", job.name + "."))
+                       for n in wanted):
                 continue
             try:
                 for m in decode(job, reader, device):
-                    name = job.name if m.expert is None else f"{job.name}[{m.expert}]"
+                    name = m.name
                     if name in wanted:
                         found[name] = compute_spectra(m.W, rows[name], wanted[name], opts)
             except (AuditError, RuntimeError) as e:

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import weakref
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,8 +141,13 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, file_s
 
 
 def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False,
-                    revision: str | None = None, name: str | None = None) -> Checkpoint:
-    """Open a local ``.safetensors`` file or a folder (sharded with an index, or not)."""
+                    revision: str | None = None, name: str | None = None,
+                    shards: Collection[str] | None = None) -> Checkpoint:
+    """Open a local ``.safetensors`` file or a folder (sharded with an index, or not).
+
+    `shards` (names from the index) restricts a sharded folder to those shards: the others
+    need not be present (a partial hub download).
+    """
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder (give a .safetensors file, a model "
@@ -151,7 +157,7 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False,
     if path.is_dir() and allow_pickle and _pickle_only_folder(path):
         files, weight_map = _pickle_files(path), None
     elif path.is_dir():
-        files, weight_map = _folder_files(path)
+        files, weight_map = _folder_files(path, shards)
     else:
         _refuse_pickle(path, allow_pickle)
         files, weight_map = [path], None
@@ -164,7 +170,9 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False,
             ts = [t for t in ts if weight_map.get(t.name) == f.name]
         tensors.extend(ts)
     if weight_map is not None:
-        _check_index_complete(path, weight_map, {t.name for t in tensors})
+        names = {f.name for f in files}
+        _check_index_complete(path, {k: v for k, v in weight_map.items() if Path(v).name in names},
+                              {t.name for t in tensors})
     model_name = name or (path.name if path.is_dir() else _model_name_for_file(path))
     ckpt = Checkpoint(model_name, root, tuple(files), tuple(tensors), config, revision,
                       tuple(sorted(metadata.items())))
@@ -184,11 +192,13 @@ def _read_text(path: Path) -> str:
         raise FormatError(f"{path}: cannot read ({e})") from e
 
 
-def _folder_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+def _folder_files(folder: Path, shards: Collection[str] | None = None
+                  ) -> tuple[list[Path], dict[str, str] | None]:
     index = folder / INDEX_NAME
     if index.is_file():
         weight_map = load_weight_map(index)
-        return [safe_child(folder, s, index) for s in sorted(set(weight_map.values()))], weight_map
+        wanted = sorted(s for s in set(weight_map.values()) if shards is None or s in shards)
+        return [safe_child(folder, s, index) for s in wanted], weight_map
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files, None
@@ -212,13 +222,14 @@ def load_weight_map(index: Path) -> dict[str, str]:
 
 
 def safe_child(folder: Path, shard: str, index: Path) -> Path:
-    """Resolve a shard name from an index, refusing names that leave the model folder."""
+    """Resolve a shard name from an index, refusing names that leave the model folder.
+
+    The check is on the name (a hub cache snapshot holds symlinks into ``../../blobs``).
+    """
     p = Path(shard)
-    base = folder.resolve()
-    target = (folder / p).resolve()
-    if p.is_absolute() or ".." in p.parts or base not in target.parents:
+    if p.is_absolute() or ".." in p.parts or not p.parts:
         raise FormatError(f"{index}: shard name {shard!r} leaves the model folder; refusing it")
-    if not target.is_file():
+    if not (folder / p).is_file():
         raise SourceError(f"{index}: shard {shard!r} is listed but missing from {folder}")
     return folder / p
 
