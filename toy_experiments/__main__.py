@@ -33,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files "
                    "(default: $MNIST_DIR, then torchvision's cache, then a download)")
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    m.add_argument("--trap-rule", choices=("ww", "tw"), default="ww")
+    m.add_argument("--trap-rule", choices=("ww", "tw"), default="ww",
+                   help="rule of history's num_traps (layers.csv holds both)")
+    m.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                   help="stop after MIN minutes of training (checkpointed: rerun to resume)")
     return ap
 
 
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run = mnist.Run(preset=mnist.preset_with(args.preset, args.steps), out=args.out,
                     seed=args.seed, device=_device(args.device), data_dir=args.data_dir,
-                    trap_rule=args.trap_rule)
+                    trap_rule=args.trap_rule,
+                    time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
     print(f"mnist preset={args.preset} {run.preset} seed={args.seed} device={run.device} "
           f"out={args.out}", flush=True)
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from llm_audit import AuditOptions
 from . import measure
 from .data import Split, mnist_subsets
 from .mnist_report import make_figures
+from .optim import AdamW
 
 HISTORY_COLUMNS = ("step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
                    "num_traps", *measure.SIGNAL_COLUMNS)
@@ -123,6 +124,7 @@ class Run:
     device: torch.device
     data_dir: str | None = None
     trap_rule: str = "ww"
+    time_limit_s: float | None = None  # stop (checkpoint, figures) after this much wall time
 
 
 def audit_both_rules(run: Run, model: MLP3, step: int) -> tuple[dict, list[dict]]:
@@ -155,7 +157,7 @@ def measure_step(run: Run, model: MLP3, train: Split, test: Split, step: int) ->
     return row
 
 
-def save_checkpoint(run: Run, model: MLP3, opt: torch.optim.Optimizer, step: int) -> None:
+def save_checkpoint(run: Run, model: MLP3, opt: AdamW, step: int) -> None:
     path = run.out / "checkpoint.pt"
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
@@ -163,7 +165,7 @@ def save_checkpoint(run: Run, model: MLP3, opt: torch.optim.Optimizer, step: int
     tmp.replace(path)
 
 
-def load_checkpoint(run: Run, model: MLP3, opt: torch.optim.Optimizer) -> int:
+def load_checkpoint(run: Run, model: MLP3, opt: AdamW) -> int:
     """Resume from ``out/checkpoint.pt`` when there is one: returns its step (0 if none)."""
     path = run.out / "checkpoint.pt"
     if not path.exists():
@@ -188,7 +190,7 @@ def train(run: Run) -> Path:
     test_set = Split(te.x.to(run.device, dtype), te.y.to(run.device))
     targets = nn.functional.one_hot(train_set.y, 10).to(dtype)
     model = make_model(run.seed, dtype, run.device, p.init_scale)
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = AdamW(list(model.parameters()), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     step = load_checkpoint(run, model, opt)
     todo = [s for s in measure.log_schedule(p.steps, p.per_decade) if s > step or step == 0]
     t0, steps_done = time.perf_counter(), 0
@@ -202,18 +204,23 @@ def train(run: Run) -> Path:
             order = batch_order(run.seed, epoch, n, run.device)
         idx = order[k:k + p.batch]
         step += 1
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(p, step)
         loss = ((model(train_set.x[idx]) - targets[idx]) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
-        opt.step()
+        opt.step(learning_rate(p, step))
         steps_done += 1
-        if todo and step == todo[0]:
+        measured = bool(todo) and step == todo[0]
+        if measured:
             todo = todo[1:]
             _report(measure_step(run, model, train_set, test_set, step), t0, steps_done)
-        if step % p.checkpoint_every == 0 or step == p.steps:
+        out_of_time = run.time_limit_s is not None and time.perf_counter() - t0 > run.time_limit_s
+        if step % p.checkpoint_every == 0 or step == p.steps or out_of_time:
             save_checkpoint(run, model, opt, step)
+        if out_of_time:
+            print(f"time limit reached at step {step}: stopping (rerun to resume)", flush=True)
+            if not measured:
+                _report(measure_step(run, model, train_set, test_set, step), t0, steps_done)
+            break
     make_figures(run.out)
     return run.out
 
