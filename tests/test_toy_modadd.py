@@ -1,0 +1,77 @@
+"""Modular-addition toy experiment: data, the last-position model, schedule, the smoke run."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from toy_experiments import modadd
+from toy_experiments import modadd_train as mt
+from toy_experiments.modadd_report import phases
+
+HISTORY = ["step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
+           "num_traps", "l2_norm", "activation_sparsity", "abs_weight_entropy",
+           "circuit_complexity"]
+
+
+def test_data_split_is_a_seeded_partition_of_all_pairs():
+    p = 7
+    d = modadd.make_data(p, 0.3, torch.Generator().manual_seed(1))
+    assert len(d.train_y) == round(0.3 * p * p) == 15 and len(d.test_y) == 34
+    x = torch.cat([d.train_x, d.test_x])
+    assert sorted(map(tuple, x[:, :2].tolist())) == [(a, b) for a in range(p) for b in range(p)]
+    assert bool((x[:, 2] == p).all())
+    assert torch.equal(torch.cat([d.train_y, d.test_y]), (x[:, 0] + x[:, 1]) % p)
+    again = modadd.make_data(p, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(again.train_x, d.train_x)
+
+
+def test_last_position_model_equals_full_causal_transformer():
+    g = torch.Generator().manual_seed(0)
+    cfg = modadd.ModelConfig(p=11)
+    m = modadd.init_model(cfg, g, dtype=torch.float64)
+    x = modadd.make_data(11, 1.0, g).train_x
+    torch.testing.assert_close(m(x), modadd.reference_logits(m, x), rtol=0, atol=1e-12)
+
+
+def test_audited_shapes_are_nanda_architecture():
+    m = modadd.init_model(modadd.ModelConfig(p=113), torch.Generator().manual_seed(0))
+    shapes = {k: tuple(v.shape) for k, v in modadd.audited_weights(m).items()}
+    assert shapes == {"embed.weight": (114, 128), "attn.W_Q.weight": (128, 128),
+                      "attn.W_K.weight": (128, 128), "attn.W_V.weight": (128, 128),
+                      "attn.W_O.weight": (128, 128), "mlp.W_in.weight": (512, 128),
+                      "mlp.W_out.weight": (128, 512), "unembed.weight": (113, 128)}
+
+
+def test_schedule_warmup_and_segments():
+    pr = mt.Preset(p=5, train_frac=0.5, steps=10, schedule=((1, 1e-3, 1.0), (100, 1e-2, 0.0)))
+    assert mt.hyper(pr, 1) == pytest.approx((1e-4, 1.0))
+    assert mt.hyper(pr, 10) == pytest.approx((1e-3, 1.0))
+    assert mt.hyper(pr, 99) == pytest.approx((1e-3, 1.0))
+    assert mt.hyper(pr, 100) == pytest.approx((1e-2, 0.0))
+
+
+def test_phases_finds_the_three_phases():
+    h = pd.DataFrame(dict(step=[0, 10, 100, 1000, 10000], train_acc=[0.0, 1, 1, 1, 1],
+                          test_acc=[0.0, 0.1, 0.95, 0.99, 0.3], mean_alpha=[5, 4, 2.5, 2.0, 3.9],
+                          num_traps=[0, 0, 0, 0, 3]))
+    ph = phases(h)
+    assert (ph["memorised_step"], ph["grok_step"], ph["test_peak_step"]) == (10, 100, 1000)
+    assert (ph["collapse_step"], ph["first_trap_step"]) == (10000, 10000)
+    assert ph["test_at_collapse"] == 0.3 and ph["alpha_final"] == 3.9
+
+
+def test_smoke_run_writes_history_layers_figures(tmp_path):
+    run = mt.Run(preset=mt.preset_with("smoke", steps=60), out=tmp_path)
+    mt.train(run)
+    hist = pd.read_csv(tmp_path / "history.csv")
+    assert list(hist.columns) == HISTORY
+    assert hist["step"].iloc[0] == 0 and hist["step"].iloc[-1] == 60
+    assert hist["train_acc"].iloc[-1] > hist["train_acc"].iloc[0]
+    layers = pd.read_csv(tmp_path / "layers.csv")
+    assert set(layers["name"]) == set(modadd.AUDITED)
+    assert len(layers) == len(hist) * len(modadd.AUDITED)
+    for f in ("accuracy", "traps_per_layer", "alpha_per_layer", "comparison_signals"):
+        assert (tmp_path / "figures" / f"{f}.png").stat().st_size > 0
+    assert (tmp_path / "snapshots").is_dir()

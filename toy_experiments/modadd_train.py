@@ -1,0 +1,171 @@
+"""Training and measuring the modular-addition transformer (presets, schedule, resumable loop).
+
+Full-batch AdamW on the training pairs, loss at the last position. A preset's schedule is a
+list of segments (first step, lr, weight decay): the paper preset keeps Nanda's recipe for the
+whole run; the quick preset changes the optimiser once, after grokking (see PRESETS).
+At log-spaced steps: accuracies and losses, the comparison signals, the data-free audit through
+``llm_audit.monitor_weights`` (``measure.audit_rows``), and a ``.safetensors`` snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from llm_audit import AuditOptions
+
+from . import measure
+from . import modadd as ma
+from .modadd import ModAddData, ModAddTransformer
+
+HISTORY_COLUMNS = ("step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
+                   "num_traps", *measure.SIGNAL_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Preset:
+    p: int
+    train_frac: float
+    steps: int
+    # (first step, lr, weight decay): the segment in force from that step on (1-based steps)
+    schedule: tuple[tuple[int, float, float], ...] = ((1, 1e-3, 1.0),)
+    dtype: str = "float32"
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup: int = 10  # linear lr warm-up over the first steps
+    per_decade: int = 12  # measurement points per decade of steps
+    checkpoint_every: int = 10_000
+    extra_steps: tuple[int, ...] = field(default=())  # measured in addition to the log grid
+
+
+PRESETS = {
+    "smoke": Preset(p=23, train_frac=0.5, steps=200, schedule=((1, 3e-3, 1.0),),
+                    per_decade=3, checkpoint_every=100),
+    # Nanda et al.'s recipe, trained far beyond grokking (~14k steps); meant for a GPU.
+    "paper": Preset(p=113, train_frac=0.3, steps=1_000_000, per_decade=16,
+                    checkpoint_every=20_000),
+    # Designed for a 2-core CPU in < 60 min: see reports/toy/modadd/README.md.
+    "quick": Preset(p=59, train_frac=0.5, steps=40_000,
+                    schedule=((1, 3e-3, 1.0), (3_000, 1e-2, 0.0)), per_decade=20,
+                    checkpoint_every=5_000),
+}
+
+
+def preset_with(name: str, steps: int | None = None, p: int | None = None,
+                train_frac: float | None = None) -> Preset:
+    pr = PRESETS[name]
+    changes = {k: v for k, v in dict(steps=steps, p=p, train_frac=train_frac).items()
+               if v is not None}
+    return replace(pr, **changes)
+
+
+def hyper(pr: Preset, step: int) -> tuple[float, float]:
+    """(lr, weight decay) used for step ``step`` (1-based), warm-up included."""
+    lr, wd = pr.schedule[0][1:]
+    for first, seg_lr, seg_wd in pr.schedule:
+        if step >= first:
+            lr, wd = seg_lr, seg_wd
+    return lr * min(1.0, step / pr.warmup), wd
+
+
+@dataclass(frozen=True)
+class Run:
+    preset: Preset
+    out: Path
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    trap_rule: str = "ww"
+
+
+def measure_step(run: Run, model: ModAddTransformer, data: ModAddData, step: int) -> dict:
+    """One row of history.csv (+ layers.csv rows and a snapshot written)."""
+    train_acc, train_loss = ma.evaluate(model, data.train_x, data.train_y)
+    test_acc, test_loss = ma.evaluate(model, data.test_x, data.test_y)
+    gen = torch.Generator(device=run.device).manual_seed(run.seed * 7919 + step)
+    signals = measure.comparison_signals(model, data.train_x, ma.forward_with_hiddens,
+                                         generator=gen)
+    opts = AuditOptions(seed=run.seed, device=str(run.device), trap_rule=run.trap_rule)
+    audit, layer_rows = measure.audit_rows(ma.audited_weights(model), step, opts)
+    measure.append_csv(run.out / "layers.csv", layer_rows, measure.LAYER_COLUMNS)
+    measure.save_snapshot(model, run.out, step)
+    row = dict(step=step, train_acc=train_acc, test_acc=test_acc, train_loss=train_loss,
+               test_loss=test_loss, **signals, **audit)
+    measure.append_csv(run.out / "history.csv", [row], HISTORY_COLUMNS)
+    return row
+
+
+def save_checkpoint(run: Run, model: ModAddTransformer, opt: torch.optim.Optimizer,
+                    step: int) -> None:
+    path = run.out / "checkpoint.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                "seed": run.seed}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(run: Run, model: ModAddTransformer, opt: torch.optim.Optimizer) -> int:
+    """Resume from ``out/checkpoint.pt`` when there is one: returns its step (0 if none)."""
+    path = run.out / "checkpoint.pt"
+    if not path.exists():
+        return 0
+    ck = torch.load(path, map_location=run.device, weights_only=True)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    step = int(ck["step"])
+    for name in ("history.csv", "layers.csv"):
+        measure.truncate_csv(run.out / name, step)
+    print(f"resuming from {path} at step {step}", flush=True)
+    return step
+
+
+def setup(run: Run) -> tuple[ModAddData, ModAddTransformer, torch.optim.AdamW]:
+    """Data split and init from one seeded generator, AdamW with the preset's betas."""
+    pr = run.preset
+    g = torch.Generator().manual_seed(run.seed)
+    data = ma.make_data(pr.p, pr.train_frac, g, run.device)
+    model = ma.init_model(ma.ModelConfig(p=pr.p), g, getattr(torch, pr.dtype), run.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=pr.schedule[0][1], betas=pr.betas,
+                            weight_decay=pr.schedule[0][2])
+    return data, model, opt
+
+
+def train(run: Run) -> Path:
+    """Train with the preset, measuring at log-spaced steps; write CSVs, snapshots, figures."""
+    from .modadd_report import make_figures
+
+    pr = run.preset
+    run.out.mkdir(parents=True, exist_ok=True)
+    data, model, opt = setup(run)
+    step = load_checkpoint(run, model, opt)
+    grid = sorted(set(measure.log_schedule(pr.steps, pr.per_decade)) | set(pr.extra_steps))
+    todo = [s for s in grid if s > step or step == 0]
+    t0, done = time.perf_counter(), 0
+    if todo and todo[0] == 0:
+        _report(measure_step(run, model, data, 0), t0, 0)
+        todo = todo[1:]
+    while step < pr.steps:
+        step += 1
+        lr, wd = hyper(pr, step)
+        for group in opt.param_groups:
+            group["lr"], group["weight_decay"] = lr, wd
+        opt.zero_grad(set_to_none=True)
+        ma.loss_fn(model(data.train_x), data.train_y).backward()
+        opt.step()
+        done += 1
+        if todo and step == todo[0]:
+            todo = todo[1:]
+            _report(measure_step(run, model, data, step), t0, done)
+        if step % pr.checkpoint_every == 0 or step == pr.steps:
+            save_checkpoint(run, model, opt, step)
+    make_figures(run.out)
+    return run.out
+
+
+def _report(row: dict, t0: float, done: int) -> None:
+    dt = time.perf_counter() - t0
+    rate = done / dt if dt > 0 else float("nan")
+    print(f"step {row['step']:>8d}  train {row['train_acc']:.3f}  test {row['test_acc']:.3f}  "
+          f"alpha {row['mean_alpha']:.2f}  traps {row['num_traps']}  "
+          f"norm {row['l2_norm']:.1f}  [{dt:.0f}s, {rate:.1f} steps/s]", flush=True)
