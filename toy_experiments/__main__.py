@@ -1,4 +1,4 @@
-"""python -m toy_experiments mnist --preset {smoke,quick,paper} --out DIR [options]."""
+"""python -m toy_experiments {mnist,modadd} --preset {smoke,quick,paper} --out DIR [options]."""
 
 from __future__ import annotations
 
@@ -37,11 +37,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="rule of history's num_traps (layers.csv holds both)")
     m.add_argument("--time-limit", type=float, default=None, metavar="MIN",
                    help="stop after MIN minutes of training (checkpointed: rerun to resume)")
+    from .modadd_cli import add_parser as add_modadd
+    add_modadd(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.experiment == "modadd":
+        from .modadd_cli import run as run_modadd
+        return run_modadd(args, _device)
     if args.threads:
         torch.set_num_threads(args.threads)
     from . import mnist

@@ -20,6 +20,7 @@ from llm_audit import AuditOptions
 from . import measure
 from . import modadd as ma
 from .modadd import ModAddData, ModAddTransformer
+from .optim import AdamW
 
 HISTORY_COLUMNS = ("step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
                    "num_traps", *measure.SIGNAL_COLUMNS)
@@ -96,7 +97,7 @@ def measure_step(run: Run, model: ModAddTransformer, data: ModAddData, step: int
     return row
 
 
-def save_checkpoint(run: Run, model: ModAddTransformer, opt: torch.optim.Optimizer,
+def save_checkpoint(run: Run, model: ModAddTransformer, opt: AdamW,
                     step: int) -> None:
     path = run.out / "checkpoint.pt"
     tmp = path.with_suffix(".tmp")
@@ -105,7 +106,7 @@ def save_checkpoint(run: Run, model: ModAddTransformer, opt: torch.optim.Optimiz
     tmp.replace(path)
 
 
-def load_checkpoint(run: Run, model: ModAddTransformer, opt: torch.optim.Optimizer) -> int:
+def load_checkpoint(run: Run, model: ModAddTransformer, opt: AdamW) -> int:
     """Resume from ``out/checkpoint.pt`` when there is one: returns its step (0 if none)."""
     path = run.out / "checkpoint.pt"
     if not path.exists():
@@ -120,14 +121,13 @@ def load_checkpoint(run: Run, model: ModAddTransformer, opt: torch.optim.Optimiz
     return step
 
 
-def setup(run: Run) -> tuple[ModAddData, ModAddTransformer, torch.optim.AdamW]:
+def setup(run: Run) -> tuple[ModAddData, ModAddTransformer, AdamW]:
     """Data split and init from one seeded generator, AdamW with the preset's betas."""
     pr = run.preset
     g = torch.Generator().manual_seed(run.seed)
     data = ma.make_data(pr.p, pr.train_frac, g, run.device)
     model = ma.init_model(ma.ModelConfig(p=pr.p), g, getattr(torch, pr.dtype), run.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=pr.schedule[0][1], betas=pr.betas,
-                            weight_decay=pr.schedule[0][2])
+    opt = AdamW(list(model.parameters()), betas=pr.betas, weight_decay=pr.schedule[0][2])
     return data, model, opt
 
 
@@ -148,11 +148,10 @@ def train(run: Run) -> Path:
     while step < pr.steps:
         step += 1
         lr, wd = hyper(pr, step)
-        for group in opt.param_groups:
-            group["lr"], group["weight_decay"] = lr, wd
-        opt.zero_grad(set_to_none=True)
+        opt.weight_decay = wd
+        opt.zero_grad()
         ma.loss_fn(model(data.train_x), data.train_y).backward()
-        opt.step()
+        opt.step(lr)
         done += 1
         if todo and step == todo[0]:
             todo = todo[1:]
