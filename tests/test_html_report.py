@@ -71,6 +71,7 @@ def test_moe_heatmap_figure():
     rows = [dict(name=f"l{layer}.e{e}", layer=layer, module="down_proj", expert=e, status="ok",
                  alpha=2 + layer + e / 10, rand_num_spikes=e % 2, warning="")
             for layer in range(3) for e in range(4)]
+    rows[0]["module"] = "$\\nope{$"  # not valid mathtext: must be drawn as text
     figs = make_figures(pd.DataFrame(rows))
     assert [f.key for f in figs] == ["alpha_by_layer", "traps_by_layer", "experts"]
     assert all(f.png.startswith(b"\x89PNG") for f in figs)

@@ -10,14 +10,17 @@ import io
 import math
 from dataclasses import dataclass
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import MaxNLocator
 
 from ..spectra import Spectra
 
 DPI = 80
 _RC = {"font.size": 9, "axes.titlesize": 9,
-       "figure.max_open_warning": 0, "svg.fonttype": "none"}
+       "svg.fonttype": "none"}
 
 
 @dataclass(frozen=True)
@@ -30,68 +33,68 @@ class Figure:
 
 def make_figures(details: pd.DataFrame, spectra: tuple[Spectra, ...] = ()) -> list[Figure]:
     """Summary figures plus one figure per suspicious matrix."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     out = []
-    with plt.rc_context(_RC):
+    with matplotlib.rc_context(_RC):
         ok = details[details["status"] == "ok"]
         if ok["layer"].notna().any():
-            out.append(_alpha_by_layer(plt, ok))
-            out.append(_traps_by_layer(plt, ok))
+            out.append(_alpha_by_layer(ok))
+            out.append(_traps_by_layer(ok))
         if details["expert"].notna().any():
-            out.append(_expert_heatmap(plt, ok))
+            out.append(_expert_heatmap(ok))
         for i, sp in enumerate(spectra, 1):
-            out.append(_spectra_figure(plt, sp, i))
+            out.append(_spectra_figure(sp, i))
     return out
 
 
-def _png(plt, fig) -> bytes:
+def _png(fig: MplFigure) -> bytes:
+    """PNG bytes of a figure (no pyplot: no global figure registry, no GUI backend)."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=DPI)
-    plt.close(fig)
     return buf.getvalue()
 
 
-def _alpha_by_layer(plt, ok: pd.DataFrame) -> Figure:
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+def _alpha_by_layer(ok: pd.DataFrame) -> Figure:
+    fig = MplFigure(figsize=(7, 3.4))
+    ax = fig.subplots()
     d = ok[ok["layer"].notna() & ok["alpha"].notna()]
     for module, g in d.groupby("module", sort=True):
         m = g.groupby("layer")["alpha"].mean().sort_index()
-        ax.plot(m.index.astype(int), m.values, marker="o", ms=3, label=str(module))
+        ax.plot(m.index.astype(int), m.values, marker="o", ms=3, label=_safe(str(module)))
     ax.axhspan(2, 6, color="tab:green", alpha=0.08, lw=0)
     ax.axhline(2, color="tab:red", lw=0.8, ls="--")
     ax.axhline(6, color="tab:orange", lw=0.8, ls="--")
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("α (mean over experts)")
     ax.set_title("α by layer depth (2–6 shaded: well trained)")
     if d["module"].nunique() <= 12:
         ax.legend(fontsize=7, ncol=2, loc="best")
-    return Figure("alpha_by_layer", "α by layer depth, per module type", _png(plt, fig),
+    return Figure("alpha_by_layer", "α by layer depth, per module type", _png(fig),
                   "Below the red line (α < 2): over-fit; above the orange line (α > 6): "
                   "under-trained.")
 
 
-def _traps_by_layer(plt, ok: pd.DataFrame) -> Figure:
-    fig, ax = plt.subplots(figsize=(7, 2.8))
+def _traps_by_layer(ok: pd.DataFrame) -> Figure:
+    fig = MplFigure(figsize=(7, 2.8))
+    ax = fig.subplots()
     d = ok[ok["layer"].notna()]
     t = d.groupby("layer")["rand_num_spikes"].sum().sort_index()
     ax.bar(t.index.astype(int), t.values, color="tab:red")
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("traps")
     ax.set_title(f"correlation traps by layer (total {int(t.sum())})")
-    return Figure("traps_by_layer", "Correlation traps by layer", _png(plt, fig))
+    return Figure("traps_by_layer", "Correlation traps by layer", _png(fig))
 
 
-def _expert_heatmap(plt, ok: pd.DataFrame) -> Figure:
+def _expert_heatmap(ok: pd.DataFrame) -> Figure:
     d = ok[ok["expert"].notna() & ok["layer"].notna()]
     alpha = d.pivot_table(index="layer", columns="expert", values="alpha", aggfunc="mean")
     traps = d.pivot_table(index="layer", columns="expert", values="rand_num_spikes",
                           aggfunc="sum")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = MplFigure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
     for ax, table, label, cmap in ((axes[0], alpha, "α (mean over modules)", "viridis"),
                                    (axes[1], traps, "traps (sum over modules)", "Reds")):
         data = table.to_numpy(dtype=float) if table.size else np.zeros((1, 1))
@@ -102,7 +105,7 @@ def _expert_heatmap(plt, ok: pd.DataFrame) -> Figure:
         if table.size:
             _ticks(ax, table)
         fig.colorbar(im, ax=ax, shrink=0.8)
-    return Figure("experts", "Layer × expert heatmap", _png(plt, fig))
+    return Figure("experts", "Layer × expert heatmap", _png(fig))
 
 
 def _ticks(ax, table: pd.DataFrame) -> None:
@@ -112,12 +115,13 @@ def _ticks(ax, table: pd.DataFrame) -> None:
         axis(pos, [str(int(labels[p])) for p in pos])
 
 
-def _spectra_figure(plt, sp: Spectra, i: int) -> Figure:
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
+def _spectra_figure(sp: Spectra, i: int) -> Figure:
+    fig = MplFigure(figsize=(9, 3.3))
+    a1, a2 = fig.subplots(1, 2)
     _esd_panel(a1, sp)
     _shuffled_panel(a2, sp)
     fig.suptitle(_short(sp.name, 90), fontsize=9)
-    return Figure(f"spectra_{i:02d}", sp.name, _png(plt, fig), sp.reason)
+    return Figure(f"spectra_{i:02d}", sp.name, _png(fig), sp.reason)
 
 
 def _esd_panel(ax, sp: Spectra) -> None:
@@ -175,5 +179,9 @@ def mp_density(x: np.ndarray, bulk_max: float, Q: float) -> np.ndarray:
 
 
 def _short(text: str, n: int) -> str:
-    text = text if len(text) <= n else "…" + text[-(n - 1):]
+    return _safe(text if len(text) <= n else "…" + text[-(n - 1):])
+
+
+def _safe(text: str) -> str:
+    """Text from a header, drawn literally: '$' would start matplotlib mathtext."""
     return text.replace("$", r"\$")
