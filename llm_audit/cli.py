@@ -31,7 +31,7 @@ def _audit_options(f):
         click.option("--no-randomize", is_flag=True, help="Skip the correlation-trap analysis."),
         click.option("--trap-rule", default="ww", show_default=True,
                      type=click.Choice(["ww", "tw"]),
-                     help="ww: WeightWatcher's rule; tw: Tracy-Widom 99.9%% above the exact "
+                     help="ww: WeightWatcher's rule; tw: Tracy-Widom 99.9% above the exact "
                           "MP edge."),
         click.option("--fix-fingers", default="none", show_default=True,
                      type=click.Choice(["none", "clip_xmax"])),
