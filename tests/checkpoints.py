@@ -12,21 +12,23 @@ from safetensors.torch import save_file
 
 FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+FP4_MIDPOINTS = (FP4[1:8] + FP4[:7]) / 2  # between consecutive magnitudes 0 .. 6
 
 
 def encode_mxfp4(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float [..., R, C] (C % 32 == 0) -> blocks U8 [..., R, C/32, 16], scales U8 [..., R, C/32].
 
     Per 32-block: scale 2^e with the smallest e such that max|w| / 2^e <= 6, each value rounded
-    to the nearest FP4 code (ties to the lower code index); low nibble = even position.
+    to the nearest FP4 magnitude (ties to the smaller), sign bit 3; low nibble = even position.
     """
     *lead, R, C = W.shape
-    x = W.to(torch.float64).reshape(*lead, R, C // 32, 32)
-    amax = x.abs().amax(-1)
+    x = W.to(torch.float32).reshape(*lead, R, C // 32, 32)
+    amax = x.abs().amax(-1).to(torch.float64)
     e = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6.0)), torch.zeros_like(amax))
     e = e.clamp(-127, 127)
-    q = x / torch.exp2(e).unsqueeze(-1)
-    codes = (q.unsqueeze(-1) - FP4.to(torch.float64)).abs().argmin(-1).to(torch.uint8)
+    q = x / torch.exp2(e).to(torch.float32).unsqueeze(-1)  # exact: a power of two
+    mag = torch.bucketize(q.abs(), FP4_MIDPOINTS)  # nearest magnitude code 0..7
+    codes = (mag | (torch.signbit(q).to(mag.dtype) << 3)).to(torch.uint8)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return blocks.contiguous(), (e + 127).to(torch.uint8)
 

@@ -260,3 +260,13 @@ def test_owner_names_and_quant_method():
     assert owner_name("x.o_proj.weight") == "x.o_proj.weight"
     assert quant_method({"quantization_config": {"quant_method": "MXFP4"}}) == "mxfp4"
     assert quant_method({}) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_audit_on_cuda_matches_cpu(gpt_oss):
+    folder, _, _ = gpt_oss
+    kw = dict(randomize=False, include=r"layers\.0\.mlp\.experts\.gate_up")
+    cpu = llm_audit.audit(folder, device="cpu", **kw).details.set_index("name")
+    gpu = llm_audit.audit(folder, device="cuda", **kw).details.set_index("name")
+    assert list(gpu.index) == list(cpu.index)
+    assert gpu["lambda_max"].tolist() == pytest.approx(cpu["lambda_max"].tolist(), rel=1e-4)

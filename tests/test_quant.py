@@ -180,3 +180,11 @@ def test_decoders_stay_on_cuda(gen):
     s = torch.exp2(torch.randint(-4, 4, (2, 3), generator=gen).float())
     assert torch.equal(quant.fp8_block_dequantize(q.to(dev), s.to(dev)).cpu(),
                        quant.fp8_block_dequantize(q, s))
+
+
+def test_mxfp4_encoder_rounds_to_nearest_code():
+    W = torch.zeros(1, 32)
+    W[0, :4] = torch.tensor([6.0, 0.7, -0.3, 2.6])
+    blocks, scales = encode_mxfp4(W)
+    assert scales.tolist() == [[127]]
+    assert quant.mxfp4_dequantize(blocks, scales)[0, :4].tolist() == [6.0, 0.5, -0.5, 3.0]
