@@ -72,8 +72,9 @@ def compare_traps(model: Path, ww: pd.DataFrame, seeds: int) -> list[str]:
         d0 = counts[0].loc[varying.index]
         margin = (d0["max_rand_eval"] / d0["trap_threshold"] - 1) * 100
         show = varying.assign(**{"top/threshold-1 %": margin.round(2)})
-        lines += ["matrices whose count depends on the shuffle (noise level: the shuffled top "
-                  "eigenvalue sits within a few % of the threshold):", show.to_string()]
+        lines += ["matrices whose count depends on the shuffle (noise level: it changes from "
+                  "seed to seed; WW's own shuffle is unseeded and varies the same way):",
+                  show.to_string()]
     flagged = table[table["ww"] > 0]
     lines += ["matrices with traps (WW > 0):", flagged.to_string()]
     return lines
