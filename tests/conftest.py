@@ -1,9 +1,13 @@
 import json
+import os
 import struct
 from pathlib import Path
 
-import pytest
-import torch
+# before torch loads OpenMP: busy-waiting threads make LAPACK 10-80x slower on shared cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
