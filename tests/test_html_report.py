@@ -156,3 +156,20 @@ def test_report_in_headless_chromium(report, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "report.png"))  # under tmp: stays out of git
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
     assert errors == []
+
+
+def test_diff_page_in_headless_chromium(report, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    assert main(["diff", str(report), str(report), "--out", str(tmp_path), "-q",
+                 "--format", "html"]) == 0
+    browser.get((tmp_path / "diff.html").resolve().as_uri())
+    assert browser.title.startswith("llm-audit diff: ")
+    assert sorted(_visible_names(browser)) == sorted(HOSTILE)
+    browser.find_element(By.XPATH, "//table[@id='matrices']//th[text()='alpha_a']").click()
+    asc = [float(x) for x in _column(browser, "alpha_a")]
+    assert asc == sorted(asc)
+    browser.find_element(By.ID, "filter").send_keys("plain")
+    assert _visible_names(browser) == [HOSTILE[3]]
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert errors == []

@@ -45,7 +45,7 @@
     for (var i = 0; i < tbody.rows.length; i++) {
       var row = tbody.rows[i];
       var ok = (q === "" || row.textContent.toLowerCase().indexOf(q) >= 0) &&
-               (!flaggedOnly.checked || isFlagged(row));
+               (!flaggedOnly || !flaggedOnly.checked || isFlagged(row));
       row.hidden = !ok;
       if (ok) { n++; }
     }
@@ -59,5 +59,5 @@
     });
   }
   filter.addEventListener("input", applyFilter);
-  flaggedOnly.addEventListener("change", applyFilter);
+  if (flaggedOnly) { flaggedOnly.addEventListener("change", applyFilter); }
 })();
