@@ -173,3 +173,18 @@ def test_diff_page_in_headless_chromium(report, browser, tmp_path):
     assert _visible_names(browser) == [HOSTILE[3]]
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
     assert errors == []
+
+
+def test_moe_report_end_to_end(tmp_path):
+    from .checkpoints import write_gpt_oss
+
+    model = write_gpt_oss(tmp_path / "gpt-oss-tiny", layers=1, experts=2)
+    out = tmp_path / "out"
+    assert main([str(model), "--out", str(out), "-q", "--format", "html,csv"]) == 0
+    d = pd.read_csv(out / "layers.csv")
+    suspicious = d[(d["rand_num_spikes"] > 0) | (d["alpha"] < 2) | (d["status"] != "ok")]
+    html = (out / "report.html").read_text()
+    assert 'id="fig-experts"' in html  # the layer x expert heatmap
+    assert html.count('id="fig-spectra_') == min(12, len(suspicious)) > 0
+    for name in suspicious["name"][:12]:  # expert matrices' spectra are found by their names
+        assert f"<code>{name}</code>" in html
