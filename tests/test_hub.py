@@ -155,3 +155,16 @@ def test_gated_and_unknown_repo_errors(cache, monkeypatch):
     assert str(e.value) == ("acme/typo: unknown repo (neither a local path nor a model on the "
                             "Hugging Face hub; check the spelling, and for a private repo run "
                             "`huggingface-cli login` or set HF_TOKEN)")
+
+
+def test_single_file_repo_offline(cache, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "single"
+    src.mkdir()
+    save_file({"encoder.layer.0.dense.weight": torch.randn(24, 16)}, src / "model.safetensors")
+    cache_repo(cache, src, repo="acme/single")
+    ck = hub.resolve_source("acme/single")
+    assert (ck.name, ck.revision) == ("acme/single", SHA)
+    assert [t.name for t in ck.tensors] == ["encoder.layer.0.dense.weight"]
