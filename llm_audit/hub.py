@@ -143,7 +143,7 @@ def _not_cached(ref: HubRef, filename: str, revision: str | None) -> SourceError
     if not _snapshot_cached(ref, revision):
         return SourceError(f"{ref}: not in the local Hugging Face cache ({where}) and the hub "
                            f"cannot be reached ({why}); connect to the network once, or run "
-                           f"`huggingface-cli download {ref.repo}` where there is one")
+                           f"`hf download {ref.repo}` where there is one")
     return SourceError(f"{ref}: {filename} is not in the local Hugging Face cache ({where}) and "
                        f"the hub cannot be reached ({why}); connect to the network once to "
                        "fetch it")
@@ -161,11 +161,11 @@ def hub_error(ref: HubRef, e: Exception) -> SourceError:
     if isinstance(e, GatedRepoError):
         return SourceError(f"{ref.repo} is a gated repo and no token with access was found: "
                            f"accept its terms on https://huggingface.co/{ref.repo}, then run "
-                           "`huggingface-cli login` or set HF_TOKEN")
+                           "`hf auth login` (formerly `huggingface-cli login`) or set HF_TOKEN")
     if isinstance(e, RepositoryNotFoundError):
         return SourceError(f"{ref.repo}: unknown repo (neither a local path nor a model on the "
                            "Hugging Face hub; check the spelling, and for a private repo run "
-                           "`huggingface-cli login` or set HF_TOKEN)")
+                           "`hf auth login` (formerly `huggingface-cli login`) or set HF_TOKEN)")
     if isinstance(e, RevisionNotFoundError):
         return SourceError(f"{ref.repo}: revision {ref.revision!r} not found (give a branch, tag "
                            "or commit sha of the repo)")

@@ -83,7 +83,7 @@ def test_nothing_cached_offline_is_one_clear_line(cache):
         llm_audit.audit("acme/never-downloaded")
     assert str(e.value) == (f"acme/never-downloaded: not in the local Hugging Face cache ({cache}) "
                             "and the hub cannot be reached (HF_HUB_OFFLINE=1); connect to the "
-                            "network once, or run `huggingface-cli download acme/never-downloaded` "
+                            "network once, or run `hf download acme/never-downloaded` "
                             "where there is one")
 
 
@@ -147,14 +147,15 @@ def test_gated_and_unknown_repo_errors(cache, monkeypatch):
         llm_audit.audit("meta-llama/Secret")
     assert str(e.value) == ("meta-llama/Secret is a gated repo and no token with access was "
                             "found: accept its terms on https://huggingface.co/meta-llama/Secret, "
-                            "then run `huggingface-cli login` or set HF_TOKEN")
+                            "then run `hf auth login` (formerly `huggingface-cli login`) or set "
+                            "HF_TOKEN")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
                         raise_(RepositoryNotFoundError("nope", response=_http(404))))
     with pytest.raises(SourceError) as e:
         llm_audit.audit("acme/typo")
     assert str(e.value) == ("acme/typo: unknown repo (neither a local path nor a model on the "
                             "Hugging Face hub; check the spelling, and for a private repo run "
-                            "`huggingface-cli login` or set HF_TOKEN)")
+                            "`hf auth login` (formerly `huggingface-cli login`) or set HF_TOKEN)")
 
 
 def test_single_file_repo_offline(cache, tmp_path):
