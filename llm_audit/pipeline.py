@@ -129,10 +129,10 @@ def _run_job(job: MatrixJob, reader: TensorReader, device: torch.device,
             res = analyse_matrix(m.W, meta, opts)
             yield dataclasses.replace(res, nan_scales=m.nan_scales) if m.nan_scales else res
     except AuditError as e:  # this job's bytes could not be decoded: a failed row
-        shape = job.parts[0].shape
+        shape = job.matrix_shape
         log.warning("%s: %s", job.name, e)
         yield MatrixResult(name=job.name, layer=job.layer, module=job.module, expert=job.expert,
-                           N=max(shape[-2:]), M=min(shape[-2:]), dtype=dtype,
+                           N=max(shape), M=min(shape), dtype=dtype,
                            warning=f"failed: {e}", status="failed")
 
 

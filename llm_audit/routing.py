@@ -45,6 +45,14 @@ class MatrixJob:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the decoded matrix (of one expert, before a fused split)."""
+        shape = self.parts[0].shape
+        if self.scheme == "mxfp4":  # blocks [..., R, G, 16] hold R x G*32 values
+            return shape[-3], shape[-2] * 32
+        return shape[-2], shape[-1]
+
 
 @dataclass(frozen=True)
 class Skipped:

@@ -188,3 +188,23 @@ def test_moe_report_end_to_end(tmp_path):
     assert html.count('id="fig-spectra_') == min(12, len(suspicious)) > 0
     for name in suspicious["name"][:12]:  # expert matrices' spectra are found by their names
         assert f"<code>{name}</code>" in html
+
+
+def test_markdown_layer_by_expert_tables():
+    from llm_audit.report.markdown import expert_grid, render_markdown
+
+    rows = [dict(name=f"l{layer}.e{e}.{m}", layer=layer, expert=e, module=m,
+                 alpha=2.0 + layer + e + (0.5 if m == "up" else 0.0),
+                 rand_num_spikes=layer * e, warning="", N=8, M=8)
+            for layer in (0, 1) for e in (0, 1, 2) for m in ("gate", "up")]
+    d = pd.DataFrame(rows)
+    d["layer"], d["expert"] = d["layer"].astype("Int64"), d["expert"].astype("Int64")
+    grid = expert_grid(d, "alpha", "mean")
+    assert grid.shape == (2, 3) and grid.loc[1, 2] == pytest.approx(5.25)  # mean of gate/up
+    assert expert_grid(d, "rand_num_spikes", "sum").loc[1, 2] == 4  # 2 modules x 1*2 traps
+    summary = dict(model="m", matrices_analysed=12, matrices_failed=0, tensors_skipped=0,
+                   mean_alpha=3.0, num_over_trained=0, num_under_trained=0, total_traps=6,
+                   matrices_with_traps=4, options={"trap_rule": "ww"}, elapsed_seconds=1.0)
+    md = render_markdown(d, summary, pd.DataFrame(columns=["name", "dtype", "shape", "reason"]))
+    assert "| layer | e0 | e1 | e2 |" in md
+    assert "| 1 | 3.25 | 4.25 | 5.25 |" in md and "| 1 | 0 | 2 | 4 |" in md

@@ -58,6 +58,7 @@ def test_plan_gpt_oss_rows_per_expert(gpt_oss):
         "model.layers.0.mlp.experts.gate_up_proj_scales"]
     assert j.parts[0].shape == (2 * WIDTH, WIDTH // 32, 16) and j.parts[1].shape == (2 * WIDTH, 2)
     assert j.parts[0].file != j.parts[1].file  # routed through weight_map, each on its own
+    assert j.matrix_shape == (2 * WIDTH, WIDTH)  # the decoded (fused) matrix, not the blocks
     d = by_name["model.layers.1.mlp.experts.down_proj[3]"]
     assert (d.layer, d.module, d.expert, d.fused) == (1, "down_proj", 3, ())
     assert len(jobs) == 2 + 2 * (5 + 2 * EXPERTS)  # embed, lm_head + per layer 5 dense + experts

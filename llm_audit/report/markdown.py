@@ -27,6 +27,7 @@ def render_markdown(details: pd.DataFrame, summary: dict, skipped: pd.DataFrame,
     flagged = details[(details["warning"].fillna("") != "") | (details["rand_num_spikes"] > 0)]
     lines += [f"## Flagged matrices ({len(flagged)})", ""]
     lines += _table(flagged, MAX_FLAGGED_ROWS) if len(flagged) else ["None.", ""]
+    lines += _expert_tables(details)
     if figures:
         lines += ["## Figures", ""]
         lines += [f"![{_text(title)}]({path})\n" for title, path in figures]
@@ -38,6 +39,32 @@ def render_markdown(details: pd.DataFrame, summary: dict, skipped: pd.DataFrame,
     lines += [f"<details><summary>All matrices ({len(details)})</summary>", ""]
     lines += _table(details, MAX_TABLE_ROWS) + ["</details>", ""]
     return "\n".join(lines)
+
+
+def expert_grid(details: pd.DataFrame, column: str, how: str) -> pd.DataFrame:
+    """Layer × expert table of `column` aggregated over the expert's modules (mean or sum)."""
+    moe = details[details["expert"].notna() & details["layer"].notna()]
+    grid = moe.pivot_table(index="layer", columns="expert", values=column, aggfunc=how)
+    return grid.sort_index().sort_index(axis=1)
+
+
+def _expert_tables(details: pd.DataFrame) -> list[str]:
+    """MoE checkpoints: a layer × expert table of mean α and one of traps."""
+    if "expert" not in details.columns or details["expert"].notna().sum() == 0:
+        return []
+    out = []
+    for title, col, how in (("Mean α per layer × expert", "alpha", "mean"),
+                            ("Correlation traps per layer × expert", "rand_num_spikes", "sum")):
+        grid = expert_grid(details, col, how)
+        out += [f"<details><summary>{title}</summary>", "",
+                "| layer | " + " | ".join(f"e{int(e)}" for e in grid.columns) + " |",
+                "|---|" + "---|" * len(grid.columns)]
+        for layer, row in grid.iterrows():
+            cells = [_fmt(float(v)) if how == "mean" else _fmt(int(v)) if v == v else ""
+                     for v in row]
+            out.append(f"| {int(layer)} | " + " | ".join(cells) + " |")
+        out += ["", "</details>", ""]
+    return out
 
 
 def _summary_table(s: dict) -> list[str]:
