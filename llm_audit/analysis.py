@@ -21,6 +21,7 @@ from .options import AuditOptions
 from .records import MatrixResult
 
 log = logging.getLogger(__name__)
+MIN_EVALS = 8  # smaller matrices (e.g. BERT's 2-row token_type_embeddings) say nothing; WW skips
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ def analyse_matrix(W: torch.Tensor, meta: MatrixMeta, opts: AuditOptions) -> Mat
 
 
 def _check_finite(W: torch.Tensor) -> None:
+    if min(W.shape) < MIN_EVALS:
+        raise SpectralError(f"only {min(W.shape)} eigenvalues (shape {list(W.shape)}); a spectral "
+                            f"analysis needs at least {MIN_EVALS}")
     finite = torch.isfinite(W)
     if not bool(finite.all()):
         n_nan, n_inf = int(torch.isnan(W).sum()), int(torch.isinf(W).sum())

@@ -49,13 +49,16 @@ def test_bad_matrices_are_kept_with_a_reason(tmp_path):
     nan[3, 4] = float("nan")
     f = tmp_path / "m.safetensors"
     save_file({"a.weight": nan, "b.weight": torch.zeros(64, 32),
-               "c.weight": torch.randn(64, 32, generator=g)}, f)
+               "c.weight": torch.randn(64, 32, generator=g),
+               "d.weight": torch.randn(2, 384, generator=g)}, f)
     r = llm_audit.audit(f)
     d = r.details.set_index("name")
     assert d.loc["a.weight", "warning"] == "failed: non-finite entries (1 NaN, 0 Inf)"
     assert d.loc["b.weight", "warning"] == "failed: all entries are zero"
-    assert list(d["status"]) == ["failed", "failed", "ok"]
-    assert r.summary["matrices_failed"] == 2 and r.summary["matrices_analysed"] == 1
+    assert d.loc["d.weight", "warning"] == ("failed: only 2 eigenvalues (shape [2, 384]); a "
+                                            "spectral analysis needs at least 8")
+    assert list(d["status"]) == ["failed", "failed", "ok", "failed"]
+    assert r.summary["matrices_failed"] == 3 and r.summary["matrices_analysed"] == 1
 
 
 def test_write_reports(demo, tmp_path):
