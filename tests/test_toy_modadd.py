@@ -45,11 +45,18 @@ def test_audited_shapes_are_nanda_architecture():
 
 
 def test_schedule_warmup_and_segments():
-    pr = mt.Preset(p=5, train_frac=0.5, steps=10, schedule=((1, 1e-3, 1.0), (100, 1e-2, 0.0)))
-    assert mt.hyper(pr, 1) == pytest.approx((1e-4, 1.0))
-    assert mt.hyper(pr, 10) == pytest.approx((1e-3, 1.0))
-    assert mt.hyper(pr, 99) == pytest.approx((1e-3, 1.0))
-    assert mt.hyper(pr, 100) == pytest.approx((1e-2, 0.0))
+    pr = mt.Preset(p=5, train_frac=0.5, steps=10,
+                   schedule=((1, 1e-3, 1.0, 1e-8), (100, 1e-2, 0.0, 1e-16)))
+    assert mt.hyper(pr, 1) == pytest.approx((1e-4, 1.0, 1e-8))
+    assert mt.hyper(pr, 10) == pytest.approx((1e-3, 1.0, 1e-8))
+    assert mt.hyper(pr, 99) == pytest.approx((1e-3, 1.0, 1e-8))
+    assert mt.hyper(pr, 100) == pytest.approx((1e-2, 0.0, 1e-16), rel=1e-12, abs=0)
+    ramp = mt.Preset(p=5, train_frac=0.5, steps=10, schedule=((1, 1e-3, 1.0, 1e-8),),
+                     ramp=(100, 300, 1e-1))
+    assert mt.hyper(ramp, 100) == pytest.approx((1e-3, 1.0, 1e-8))
+    assert mt.hyper(ramp, 200) == pytest.approx((1e-2, 1.0, 1e-8))
+    assert mt.hyper(ramp, 300) == pytest.approx((1e-1, 1.0, 1e-8))
+    assert mt.hyper(ramp, 5000) == pytest.approx((1e-1, 1.0, 1e-8))
 
 
 def test_phases_finds_the_three_phases():

@@ -31,26 +31,31 @@ class Preset:
     p: int
     train_frac: float
     steps: int
-    # (first step, lr, weight decay): the segment in force from that step on (1-based steps)
-    schedule: tuple[tuple[int, float, float], ...] = ((1, 1e-3, 1.0),)
+    # (first step, lr, weight decay, Adam eps): the segment in force from that step on (1-based)
+    schedule: tuple[tuple[int, float, float, float], ...] = ((1, 1e-3, 1.0, 1e-8),)
     dtype: str = "float32"
     betas: tuple[float, float] = (0.9, 0.98)
     warmup: int = 10  # linear lr warm-up over the first steps
+    # (start, end, final lr): geometric lr ramp from the segment's lr at ``start`` to ``final``
+    ramp: tuple[int, int, float] | None = None
     per_decade: int = 12  # measurement points per decade of steps
     checkpoint_every: int = 10_000
     extra_steps: tuple[int, ...] = field(default=())  # measured in addition to the log grid
 
 
 PRESETS = {
-    "smoke": Preset(p=23, train_frac=0.5, steps=200, schedule=((1, 3e-3, 1.0),),
+    "smoke": Preset(p=23, train_frac=0.5, steps=200, schedule=((1, 3e-3, 1.0, 1e-8),),
                     per_decade=3, checkpoint_every=100),
     # Nanda et al.'s recipe, trained far beyond grokking (~14k steps); meant for a GPU.
     "paper": Preset(p=113, train_frac=0.3, steps=1_000_000, per_decade=16,
                     checkpoint_every=20_000),
-    # Designed for a 2-core CPU in < 60 min: see reports/toy/modadd/README.md.
-    "quick": Preset(p=59, train_frac=0.5, steps=40_000,
-                    schedule=((1, 3e-3, 1.0), (3_000, 1e-2, 0.0)), per_decade=20,
-                    checkpoint_every=5_000),
+    # Designed for a 2-core CPU in < 60 min (see reports/toy/modadd/README.md): p 59, half the
+    # pairs, Nanda's recipe at 3x the lr until step 2000 (memorisation, grokking), then weak
+    # weight decay, a tiny Adam eps (sign-like updates) and a geometric lr ramp to 2e-2, held.
+    "quick": Preset(p=59, train_frac=0.5, steps=30_000,
+                    schedule=((1, 3e-3, 1.0, 1e-8), (2_000, 3e-3, 0.3, 1e-16)),
+                    ramp=(2_000, 6_000, 2e-2), per_decade=20, checkpoint_every=2_000,
+                    extra_steps=tuple(range(3_000, 30_001, 1_000))),
 }
 
 
@@ -62,13 +67,16 @@ def preset_with(name: str, steps: int | None = None, p: int | None = None,
     return replace(pr, **changes)
 
 
-def hyper(pr: Preset, step: int) -> tuple[float, float]:
-    """(lr, weight decay) used for step ``step`` (1-based), warm-up included."""
-    lr, wd = pr.schedule[0][1:]
-    for first, seg_lr, seg_wd in pr.schedule:
+def hyper(pr: Preset, step: int) -> tuple[float, float, float]:
+    """(lr, weight decay, eps) used for step ``step`` (1-based), warm-up and ramp included."""
+    lr, wd, eps = pr.schedule[0][1:]
+    for first, seg_lr, seg_wd, seg_eps in pr.schedule:
         if step >= first:
-            lr, wd = seg_lr, seg_wd
-    return lr * min(1.0, step / pr.warmup), wd
+            lr, wd, eps = seg_lr, seg_wd, seg_eps
+    if pr.ramp is not None and step > pr.ramp[0]:
+        start, end, final = pr.ramp
+        lr = lr * (final / lr) ** (min(step - start, end - start) / (end - start))
+    return lr * min(1.0, step / pr.warmup), wd, eps
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,8 @@ def setup(run: Run) -> tuple[ModAddData, ModAddTransformer, AdamW]:
     g = torch.Generator().manual_seed(run.seed)
     data = ma.make_data(pr.p, pr.train_frac, g, run.device)
     model = ma.init_model(ma.ModelConfig(p=pr.p), g, getattr(torch, pr.dtype), run.device)
-    opt = AdamW(list(model.parameters()), betas=pr.betas, weight_decay=pr.schedule[0][2])
+    _, _, wd, eps = pr.schedule[0]
+    opt = AdamW(list(model.parameters()), betas=pr.betas, eps=eps, weight_decay=wd)
     return data, model, opt
 
 
@@ -147,8 +156,7 @@ def train(run: Run) -> Path:
         todo = todo[1:]
     while step < pr.steps:
         step += 1
-        lr, wd = hyper(pr, step)
-        opt.weight_decay = wd
+        lr, opt.weight_decay, opt.eps = hyper(pr, step)
         opt.zero_grad()
         ma.loss_fn(model(data.train_x), data.train_y).backward()
         opt.step(lr)
