@@ -79,6 +79,7 @@ def test_smoke_run_writes_history_layers_figures(tmp_path):
     layers = pd.read_csv(tmp_path / "layers.csv")
     assert set(layers["name"]) == set(modadd.AUDITED)
     assert len(layers) == len(hist) * len(modadd.AUDITED)
-    for f in ("accuracy", "traps_per_layer", "alpha_per_layer", "comparison_signals"):
+    for f in ("accuracy", "traps_per_layer", "alpha_per_layer", "comparison_signals",
+              "max_entry_per_layer"):
         assert (tmp_path / "figures" / f"{f}.png").stat().st_size > 0
     assert (tmp_path / "snapshots").is_dir()

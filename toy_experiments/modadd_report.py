@@ -57,7 +57,8 @@ def _marks(ph: dict) -> dict[str, int]:
 
 
 def make_figures(out: str | Path, title: str = "modular addition") -> list[Path]:
-    """Accuracy, traps per layer (the paper's Fig. 8), α per layer, comparison signals."""
+    """Accuracy, traps per layer (the paper's Fig. 8), α per layer, comparison signals, and the
+    largest entry per layer in units of its std (a single huge entry is a trap by itself)."""
     out = Path(out)
     history = pd.read_csv(out / "history.csv")
     layers = pd.read_csv(out / "layers.csv")
@@ -70,6 +71,8 @@ def make_figures(out: str | Path, title: str = "modular addition") -> list[Path]
         figures.plot_layer_metric(layers, "alpha", fig_dir / "alpha_per_layer.png", "α",
                                   hline=2.0, marks=marks),
         figures.plot_signals(history, fig_dir / "comparison_signals.png", marks=marks),
+        figures.plot_layer_metric(layers, "max_abs_w_over_std", fig_dir / "max_entry_per_layer.png",
+                                  "max |w| / std(w)", marks=marks),
     ]
 
 
