@@ -31,6 +31,7 @@ TRAP_RULES = ("ww", "tw")
 RULE_COLUMNS = ("rand_num_spikes", "max_rand_eval", "trap_threshold")
 LAYER_COLUMNS = (*measure.LAYER_COLUMNS,
                  *(f"{c}_{r}" for r in TRAP_RULES for c in RULE_COLUMNS))
+NORM_EVERY = 50  # steps between recomputations of the parameter norm for norm_lr
 MIN_EVALS = 50  # audit fc1 (200x784) and fc2 (200x200) as the paper does; fc3 has 10 eigenvalues
 
 
@@ -39,7 +40,8 @@ class Preset:
     steps: int
     dtype: str  # float32 | float64
     lr: float  # AdamW learning rate (before the ramp)
-    ramp: tuple[int, int, float] | None = None  # (start, end, final lr): geometric lr ramp
+    ramp: tuple[int, int, float] | None = None  # (start, end, high lr): geometric lr ramp
+    ramp_until_norm: float | None = None  # back to ``lr`` once ‖θ‖₂ reaches this (norm clock)
     init_scale: float = 8.0
     batch: int = 200
     per_decade: int = 12  # measurement points per decade of steps
@@ -49,8 +51,11 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset(steps=300, dtype="float32", lr=5e-3, per_decade=3, checkpoint_every=150),
-    "quick": Preset(steps=400_000, dtype="float32", lr=5e-3, ramp=(40_000, 100_000, 2e-2),
-                    per_decade=16, checkpoint_every=50_000),
+    # quick: 5e-3 through train saturation (pre-grokking), a geometric ramp to 2e-2 (grokking
+    # sooner), held until the weight norm reaches 400 (where the paper's run collapses), then
+    # 5e-3 again so the training set is refitted (see reports/toy/mnist/README.md)
+    "quick": Preset(steps=250_000, dtype="float32", lr=5e-3, ramp=(10_000, 15_000, 2e-2),
+                    ramp_until_norm=400.0, per_decade=16, checkpoint_every=25_000),
     "paper": Preset(steps=10_000_000, dtype="float64", lr=5e-4, per_decade=12,
                     checkpoint_every=100_000),
 }
@@ -89,9 +94,14 @@ def make_model(seed: int, dtype: torch.dtype, device: torch.device,
     return model.to(device)
 
 
-def learning_rate(p: Preset, step: int) -> float:
-    """The lr used for step ``step`` (1-based): constant, or a geometric ramp to the final lr."""
+def learning_rate(p: Preset, step: int, norm: float) -> float:
+    """The lr of step ``step`` (1-based): ``p.lr``, or with ``p.ramp`` a geometric ramp from
+    ``p.lr`` to a high lr held until the parameter norm reaches ``p.ramp_until_norm`` (the
+    weight norm is the clock of the late phases), then ``p.lr`` again. ``norm`` is the largest
+    norm seen so far, so the switch happens once (saved in the checkpoint for resuming)."""
     if p.ramp is None or step <= p.ramp[0]:
+        return p.lr
+    if p.ramp_until_norm is not None and norm >= p.ramp_until_norm:
         return p.lr
     start, end, final = p.ramp
     if step >= end:
@@ -157,19 +167,20 @@ def measure_step(run: Run, model: MLP3, train: Split, test: Split, step: int) ->
     return row
 
 
-def save_checkpoint(run: Run, model: MLP3, opt: AdamW, step: int) -> None:
+def save_checkpoint(run: Run, model: MLP3, opt: AdamW, step: int, peak_norm: float) -> None:
     path = run.out / "checkpoint.pt"
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+    torch.save({"step": step, "peak_norm": peak_norm, "model": model.state_dict(),
+                "opt": opt.state_dict(),
                 "seed": run.seed, "preset": run.preset.__dict__}, tmp)
     tmp.replace(path)
 
 
-def load_checkpoint(run: Run, model: MLP3, opt: AdamW) -> int:
-    """Resume from ``out/checkpoint.pt`` when there is one: returns its step (0 if none)."""
+def load_checkpoint(run: Run, model: MLP3, opt: AdamW) -> tuple[int, float]:
+    """Resume from ``out/checkpoint.pt`` when there is one: (its step, the peak norm so far)."""
     path = run.out / "checkpoint.pt"
     if not path.exists():
-        return 0
+        return 0, 0.0
     ck = torch.load(path, map_location=run.device, weights_only=True)
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
@@ -177,7 +188,7 @@ def load_checkpoint(run: Run, model: MLP3, opt: AdamW) -> int:
     for name in ("history.csv", "layers.csv"):
         measure.truncate_csv(run.out / name, step)
     print(f"resuming from {path} at step {step}", flush=True)
-    return step
+    return step, float(ck.get("peak_norm", 0.0))
 
 
 def train(run: Run) -> Path:
@@ -191,13 +202,13 @@ def train(run: Run) -> Path:
     targets = nn.functional.one_hot(train_set.y, 10).to(dtype)
     model = make_model(run.seed, dtype, run.device, p.init_scale)
     opt = AdamW(list(model.parameters()), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    step = load_checkpoint(run, model, opt)
+    step, resumed_norm = load_checkpoint(run, model, opt)
     todo = [s for s in measure.log_schedule(p.steps, p.per_decade) if s > step or step == 0]
     t0, steps_done = time.perf_counter(), 0
     if step == 0 and todo and todo[0] == 0:
         _report(measure_step(run, model, train_set, test_set, 0), t0, 0)
         todo = todo[1:]
-    n, order = len(train_set.y), None
+    n, order, norm = len(train_set.y), None, max(resumed_norm, measure.l2_norm(model))
     while step < p.steps:
         epoch, k = divmod(step * p.batch, n)
         if order is None or k == 0:
@@ -207,7 +218,9 @@ def train(run: Run) -> Path:
         loss = ((model(train_set.x[idx]) - targets[idx]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
-        opt.step(learning_rate(p, step))
+        if step % NORM_EVERY == 1:
+            norm = max(norm, measure.l2_norm(model))
+        opt.step(learning_rate(p, step, norm))
         steps_done += 1
         measured = bool(todo) and step == todo[0]
         if measured:
@@ -215,7 +228,7 @@ def train(run: Run) -> Path:
             _report(measure_step(run, model, train_set, test_set, step), t0, steps_done)
         out_of_time = run.time_limit_s is not None and time.perf_counter() - t0 > run.time_limit_s
         if step % p.checkpoint_every == 0 or step == p.steps or out_of_time:
-            save_checkpoint(run, model, opt, step)
+            save_checkpoint(run, model, opt, step, norm)
         if out_of_time:
             print(f"time limit reached at step {step}: stopping (rerun to resume)", flush=True)
             if not measured:

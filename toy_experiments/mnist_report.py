@@ -44,7 +44,8 @@ def phases(history: pd.DataFrame, sat: float = 0.99, drop: float = 0.05,
 
 def _marks(ph: dict) -> dict[str, int]:
     keys = {"train sat": "train_sat_step", "test peak": "test_peak_step",
-            "collapse": "collapse_step", "1st trap": "first_trap_step"}
+            "collapse": "collapse_step", "1st trap": "first_trap_step",
+            "1st tw trap": "first_trap_step_tw"}
     return {label: ph[k] for label, k in keys.items() if ph.get(k)}
 
 
