@@ -31,7 +31,7 @@ TRAP_RULES = ("ww", "tw")
 RULE_COLUMNS = ("rand_num_spikes", "max_rand_eval", "trap_threshold")
 LAYER_COLUMNS = (*measure.LAYER_COLUMNS,
                  *(f"{c}_{r}" for r in TRAP_RULES for c in RULE_COLUMNS))
-NORM_EVERY = 50  # steps between recomputations of the parameter norm for norm_lr
+NORM_EVERY = 50  # steps between recomputations of the parameter norm (ramp_until_norm)
 MIN_EVALS = 50  # audit fc1 (200x784) and fc2 (200x200) as the paper does; fc3 has 10 eigenvalues
 
 
@@ -171,8 +171,7 @@ def save_checkpoint(run: Run, model: MLP3, opt: AdamW, step: int, peak_norm: flo
     path = run.out / "checkpoint.pt"
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "peak_norm": peak_norm, "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "seed": run.seed, "preset": run.preset.__dict__}, tmp)
+                "opt": opt.state_dict(), "seed": run.seed, "preset": run.preset.__dict__}, tmp)
     tmp.replace(path)
 
 
