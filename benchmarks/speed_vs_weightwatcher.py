@@ -3,14 +3,16 @@
     python benchmarks/speed_vs_weightwatcher.py [--include REGEX] [--repeats 3] [--ww-python PATH]
 
 Both run as fresh processes (imports included), alternately, on all-MiniLM-L6-v2's matrices that
-match --include (default: encoder layers 0-1, 12 matrices), with randomization (traps) on. The
-ratio of medians is reported; the machine is noisy, so only the side-by-side ratio is meaningful.
+match --include (default: encoder layers 0-1, 12 matrices), with randomization (traps) on, each
+writing its table (WW: details CSV; llm-audit: layers.csv + summary.json). The ratio of medians is
+reported; the machine is noisy, so only the side-by-side ratio is meaningful.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -35,7 +37,9 @@ def main() -> None:
     ap.add_argument("--include", default=r"encoder\.layer\.[01]\.")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ww-python", default=os.environ.get("WW_PYTHON", "/work/wwvenv/bin/python"))
-    ap.add_argument("--extra", nargs="*", default=[], help="extra llm-audit options")
+    ap.add_argument("--extra", type=shlex.split, default=["--format", "csv,json"],
+                    help="llm-audit options (default: write only layers.csv + summary.json, the "
+                         "counterpart of WW's details table; figures/HTML cost extra)")
     args = ap.parse_args()
     model = minilm_dir() / "model.safetensors"
     ww_t, ours_t = [], []
@@ -48,7 +52,7 @@ def main() -> None:
                                  *args.extra]))
     ww_m, ours_m = statistics.median(ww_t), statistics.median(ours_t)
     print(f"matrices: {args.include!r} of {model.parent.name}; repeats {args.repeats}; "
-          f"cores {os.cpu_count()}; llm-audit options {args.extra or 'default (ww rule)'}")
+          f"cores {os.cpu_count()}; llm-audit options {' '.join(args.extra)}")
     print(f"WeightWatcher 0.7.7 analyze(randomize=True, mp_fit=True): "
           f"{', '.join(f'{t:.2f}' for t in ww_t)} s (median {ww_m:.2f} s)")
     print(f"llm-audit CLI:                                            "

@@ -99,7 +99,10 @@ def _metrics(W: torch.Tensor, N: int, M: int, meta: MatrixMeta, opts: AuditOptio
 
 def _confounds(W: torch.Tensor) -> dict:
     """Entry statistics that can fake a trap: a non-zero mean, a single huge entry."""
-    w = W.to(torch.float64).reshape(-1)
-    mean, std = float(w.mean()), float(w.std())
-    return dict(entry_mean=mean, entry_std=std, mean_spike=mean * mean * W.numel(),
-                max_abs_w_over_std=float(w.abs().max()) / std if std > 0 else math.inf)
+    n = W.numel()
+    mean = float(W.sum(dtype=torch.float64)) / n  # float64 accumulation, no float64 copy of W
+    sq = sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2
+             for c in W.reshape(-1).split(1 << 24))
+    std = math.sqrt(max(sq / n - mean * mean, 0.0) * n / max(n - 1, 1))
+    return dict(entry_mean=mean, entry_std=std, mean_spike=mean * mean * n,
+                max_abs_w_over_std=float(W.abs().max()) / std if std > 0 else math.inf)

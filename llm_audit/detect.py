@@ -19,6 +19,7 @@ from .spectral import PowerLawFit
 WW_SMALL_M = 100  # WeightWatcher pools 5 shuffles when M < 100
 WW_SMALL_REPS = 5
 TW_TOP_K = 16
+RSVD_MIN_M = 1024  # below this, exact eigenvalues of the shuffled Gram matrix are cheaper
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class TrapResult:
 def shuffle(W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random permutation of W's entries, same shape: correlations destroyed, values kept."""
     flat = W.reshape(-1)
-    perm = torch.randperm(flat.numel(), generator=generator, device=generator.device)
+    index = torch.int32 if flat.numel() < 2**31 else torch.int64  # halves a 579M-entry perm
+    perm = torch.randperm(flat.numel(), generator=generator, device=generator.device,
+                          dtype=index)
     return flat[perm.to(W.device)].reshape(W.shape)
 
 
@@ -66,19 +69,25 @@ def _traps_ww(W: torch.Tensor, evals: torch.Tensor, generator: torch.Generator) 
 def _traps_tw(W: torch.Tensor, generator: torch.Generator) -> TrapResult:
     """Tracy–Widom rule: exact MP edge from the entries' variance (known for a shuffled matrix),
     traps above the TW₁ 99.9% quantile; the mean is removed first (its rank-1 spike is reported
-    separately as `mean_spike`). Only the top of the spectrum is computed (randomized SVD)."""
+    separately as `mean_spike`). Only the top of the spectrum is needed: for M >= RSVD_MIN_M a
+    randomized SVD computes it, below that the exact Gram route is cheaper."""
     N, M = max(W.shape), min(W.shape)
-    X = W.to(torch.float64)
-    X = X - X.mean()
-    var = float((X * X).mean())
+    mean = float(W.sum(dtype=torch.float64)) / W.numel()
+    X = W - mean  # (rows, cols), W's dtype
+    var = float(sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2
+                    for c in X.reshape(-1).split(1 << 24))) / X.numel()
     edge, threshold = mp.tw_edge(var, N, M)
     S = shuffle(X, generator)
-    k = min(TW_TOP_K, M)
-    while True:
-        top = rsvd.top_eigenvalues(S, k, generator=generator)
-        if float(top[-1]) <= threshold or k == M:
-            break
-        k = min(2 * k, M)
+    del X
+    if M < RSVD_MIN_M:
+        top = torch.flip(spectral.esd(S), [0])
+    else:
+        k = TW_TOP_K
+        while True:
+            top = rsvd.top_eigenvalues(S, k, generator=generator)
+            if float(top[-1]) <= threshold or k >= M:
+                break
+            k = min(2 * k, M)
     traps = tuple(float(v) for v in top if float(v) > threshold)
     return TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]), bulk_max=edge,
                       sigma_mp=math.nan, threshold=threshold, distance=math.nan,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 EVALS_THRESH = 1e-5  # eigenvalues at or below this are ignored by the power-law fit
+GRAM_CHUNK_ROWS = 16384  # rows per chunk when accumulating WᵀW of a tall matrix
 SMALL_N = 20  # below this many eigenvalues the small-sample fit is used
 SMALL_N_MIN_TAIL = 8
 CLIP_XMAX_FIRST, CLIP_XMAX_LAST = 2, 9  # eigenvalues clipped by fix_fingers='clip_xmax'
@@ -50,10 +51,18 @@ def esd(W: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Ascending eigenvalues λ = s(W)² of WᵀW, M = min(W.shape) of them.
 
     Computed as eigvalsh of the (M, M) Gram matrix in `dtype` (float64 by default): 3-4x cheaper
-    than an SVD; clamped at 0 since round-off can make the smallest ones slightly negative.
+    than an SVD; clamped at 0 since round-off can make the smallest ones slightly negative. Tall
+    matrices are converted chunk by chunk, so a 201088 x 2880 embedding never exists in float64.
     """
-    A = W.to(dtype)
-    G = A.T @ A if A.shape[0] >= A.shape[1] else A @ A.T  # (M, M)
+    A = W if W.shape[0] >= W.shape[1] else W.T  # (N, M), N >= M
+    if A.dtype == dtype or A.shape[0] <= GRAM_CHUNK_ROWS:
+        A = A.to(dtype)
+        G = A.T @ A  # (M, M)
+    else:  # tall (embeddings, lm_head): accumulate in row chunks, no full copy in `dtype`
+        G = torch.zeros(A.shape[1], A.shape[1], dtype=dtype, device=A.device)
+        for rows in A.split(GRAM_CHUNK_ROWS):
+            c = rows.to(dtype)
+            G.addmm_(c.T, c)
     return torch.linalg.eigvalsh(G).clamp_min_(0.0)
 
 

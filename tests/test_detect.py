@@ -73,3 +73,12 @@ def test_js_distance_identical_is_zero_and_bounded():
     a = torch.tensor([1.0, 2.0, 3.0])
     assert js_distance(a, a) == 0.0
     assert 0 < js_distance(a, torch.tensor([0.0, 0.0, 6.0])) <= math.sqrt(math.log(2)) + 1e-12
+
+
+def test_tw_rule_randomized_path_counts_planted_entries(gen):
+    # M >= RSVD_MIN_M: the top of the shuffled spectrum comes from the randomized SVD
+    W = torch.randn(1200, 1024, generator=gen) * 0.05
+    W[3, 7], W[100, 200], W[500, 42] = 30.0, 25.0, 20.0
+    r = correlation_traps(W, esd(W), rule="tw", generator=gen)
+    assert r.num_traps == 3
+    assert r.trap_evals[0] == pytest.approx(900.0, rel=0.05)
