@@ -83,3 +83,14 @@ def test_smoke_run_writes_history_layers_figures(tmp_path):
               "max_entry_per_layer"):
         assert (tmp_path / "figures" / f"{f}.png").stat().st_size > 0
     assert (tmp_path / "snapshots").is_dir()
+
+
+def test_cli_parses_the_documented_flags(tmp_path):
+    from toy_experiments.__main__ import _parser
+
+    args = _parser().parse_args(["modadd", "--preset", "quick", "--out", str(tmp_path),
+                                 "--steps", "7", "--seed", "3", "--device", "cpu", "--p", "31",
+                                 "--train-frac", "0.4"])
+    assert (args.experiment, args.preset, args.steps, args.seed) == ("modadd", "quick", 7, 3)
+    pr = mt.preset_with(args.preset, steps=args.steps, p=args.p, train_frac=args.train_frac)
+    assert (pr.p, pr.train_frac, pr.steps, pr.ramp) == (31, 0.4, 7, (2_000, 6_000, 2e-2))
