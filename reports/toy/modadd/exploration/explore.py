@@ -9,7 +9,7 @@ ap.add_argument("--b2", type=float, default=0.98); ap.add_argument("--steps", ty
 ap.add_argument("--load"); ap.add_argument("--save"); ap.add_argument("--every", type=int, default=250)
 ap.add_argument("--f64", action="store_true"); ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--eps", type=float, default=1e-8); ap.add_argument("--warm", type=int, default=10)
-ap.add_argument("--savelast", type=int, default=0); ap.add_argument("--lr_end", type=float, default=0); ap.add_argument("--batch", type=int, default=0)
+ap.add_argument("--savelast", type=int, default=0); ap.add_argument("--lr_end", type=float, default=0); ap.add_argument("--batch", type=int, default=0); ap.add_argument("--ramp_steps", type=int, default=0)
 a = ap.parse_args()
 g = torch.Generator().manual_seed(a.seed)
 d = make_data(a.p, a.frac, g)
@@ -27,7 +27,7 @@ for i in range(a.steps + 1):
     if not a.load:
         for gr in opt.param_groups: gr["lr"] = a.lr * min(1.0, (i + 1) / a.warm)
     if a.load and a.lr_end:
-        for gr in opt.param_groups: gr["lr"] = a.lr * (a.lr_end / a.lr) ** (i / a.steps)
+        for gr in opt.param_groups: gr["lr"] = a.lr * (a.lr_end / a.lr) ** (min(i, a.ramp_steps or a.steps) / (a.ramp_steps or a.steps))
     if i % a.every == 0:
         with torch.no_grad():
             lt = m(d.train_x); le = m(d.test_x)
