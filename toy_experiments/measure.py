@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -173,3 +174,12 @@ def save_snapshot(model: torch.nn.Module, out_dir: Path, step: int) -> Path:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={"step": str(step)})
     return path
+
+
+def print_progress(row: dict, t0: float, steps_done: int) -> None:
+    """One console line per measurement: accuracies, mean α, traps, norm, speed since t0."""
+    dt = time.perf_counter() - t0
+    rate = steps_done / dt if dt > 0 else float("nan")
+    print(f"step {row['step']:>9d}  train {row['train_acc']:.3f}  test {row['test_acc']:.3f}  "
+          f"alpha {row['mean_alpha']:.2f}  traps {row['num_traps']}  "
+          f"norm {row['l2_norm']:.1f}  [{dt:.0f}s, {rate:.1f} steps/s]", flush=True)

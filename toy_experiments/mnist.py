@@ -205,7 +205,7 @@ def train(run: Run) -> Path:
     todo = [s for s in measure.log_schedule(p.steps, p.per_decade) if s > step or step == 0]
     t0, steps_done = time.perf_counter(), 0
     if step == 0 and todo and todo[0] == 0:
-        _report(measure_step(run, model, train_set, test_set, 0), t0, 0)
+        measure.print_progress(measure_step(run, model, train_set, test_set, 0), t0, 0)
         todo = todo[1:]
     n, order, norm = len(train_set.y), None, max(resumed_norm, measure.l2_norm(model))
     while step < p.steps:
@@ -224,25 +224,19 @@ def train(run: Run) -> Path:
         measured = bool(todo) and step == todo[0]
         if measured:
             todo = todo[1:]
-            _report(measure_step(run, model, train_set, test_set, step), t0, steps_done)
+            row = measure_step(run, model, train_set, test_set, step)
+            measure.print_progress(row, t0, steps_done)
         out_of_time = run.time_limit_s is not None and time.perf_counter() - t0 > run.time_limit_s
         if step % p.checkpoint_every == 0 or step == p.steps or out_of_time:
             save_checkpoint(run, model, opt, step, norm)
         if out_of_time:
             print(f"time limit reached at step {step}: stopping (rerun to resume)", flush=True)
             if not measured:
-                _report(measure_step(run, model, train_set, test_set, step), t0, steps_done)
+                row = measure_step(run, model, train_set, test_set, step)
+            measure.print_progress(row, t0, steps_done)
             break
     make_figures(run.out)
     return run.out
-
-
-def _report(row: dict, t0: float, steps_done: int) -> None:
-    dt = time.perf_counter() - t0
-    rate = steps_done / dt if dt > 0 else float("nan")
-    print(f"step {row['step']:>9d}  train {row['train_acc']:.3f}  test {row['test_acc']:.3f}  "
-          f"alpha {row['mean_alpha']:.2f}  traps {row['num_traps']}  "
-          f"norm {row['l2_norm']:.1f}  [{dt:.0f}s, {rate:.0f} steps/s]", flush=True)
 
 
 def preset_with(name: str, steps: int | None) -> Preset:

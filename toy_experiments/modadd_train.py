@@ -152,7 +152,7 @@ def train(run: Run) -> Path:
     todo = [s for s in grid if s > step or step == 0]
     t0, done = time.perf_counter(), 0
     if todo and todo[0] == 0:
-        _report(measure_step(run, model, data, 0), t0, 0)
+        measure.print_progress(measure_step(run, model, data, 0), t0, 0)
         todo = todo[1:]
     while step < pr.steps:
         step += 1
@@ -163,16 +163,10 @@ def train(run: Run) -> Path:
         done += 1
         if todo and step == todo[0]:
             todo = todo[1:]
-            _report(measure_step(run, model, data, step), t0, done)
+            measure.print_progress(measure_step(run, model, data, step), t0, done)
         if step % pr.checkpoint_every == 0 or step == pr.steps:
             save_checkpoint(run, model, opt, step)
     make_figures(run.out)
     return run.out
 
 
-def _report(row: dict, t0: float, done: int) -> None:
-    dt = time.perf_counter() - t0
-    rate = done / dt if dt > 0 else float("nan")
-    print(f"step {row['step']:>8d}  train {row['train_acc']:.3f}  test {row['test_acc']:.3f}  "
-          f"alpha {row['mean_alpha']:.2f}  traps {row['num_traps']}  "
-          f"norm {row['l2_norm']:.1f}  [{dt:.0f}s, {rate:.1f} steps/s]", flush=True)
