@@ -47,7 +47,7 @@ def analyse_matrix(W: torch.Tensor, meta: MatrixMeta, opts: AuditOptions) -> Mat
     base = dict(name=meta.name, layer=meta.layer, module=meta.module, expert=meta.expert,
                 N=N, M=M, dtype=meta.dtype)
     try:
-        _check_finite(W)
+        _check_analysable(W)
         fields = _metrics(W, N, M, meta, opts)
     except SpectralError as e:
         return MatrixResult(**base, warning=f"failed: {e}", status="failed",
@@ -59,7 +59,7 @@ def analyse_matrix(W: torch.Tensor, meta: MatrixMeta, opts: AuditOptions) -> Mat
     return MatrixResult(**base, **fields, seconds=time.perf_counter() - t0)
 
 
-def _check_finite(W: torch.Tensor) -> None:
+def _check_analysable(W: torch.Tensor) -> None:
     if min(W.shape) < MIN_EVALS:
         raise SpectralError(f"only {min(W.shape)} eigenvalues (shape {list(W.shape)}); a spectral "
                             f"analysis needs at least {MIN_EVALS}")
@@ -100,9 +100,7 @@ def _metrics(W: torch.Tensor, N: int, M: int, meta: MatrixMeta, opts: AuditOptio
 def _confounds(W: torch.Tensor) -> dict:
     """Entry statistics that can fake a trap: a non-zero mean, a single huge entry."""
     n = W.numel()
-    mean = float(W.sum(dtype=torch.float64)) / n  # float64 accumulation, no float64 copy of W
-    sq = sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2
-             for c in W.reshape(-1).split(1 << 24))
-    std = math.sqrt(max(sq / n - mean * mean, 0.0) * n / max(n - 1, 1))
+    mean, var = spectral.entry_moments(W)
+    std = math.sqrt(var * n / max(n - 1, 1))  # unbiased, as torch.std
     return dict(entry_mean=mean, entry_std=std, mean_spike=mean * mean * n,
                 max_abs_w_over_std=float(W.abs().max()) / std if std > 0 else math.inf)

@@ -72,10 +72,8 @@ def _traps_tw(W: torch.Tensor, generator: torch.Generator) -> TrapResult:
     separately as `mean_spike`). Only the top of the spectrum is needed: for M >= RSVD_MIN_M a
     randomized SVD computes it, below that the exact Gram route is cheaper."""
     N, M = max(W.shape), min(W.shape)
-    mean = float(W.sum(dtype=torch.float64)) / W.numel()
+    mean, var = spectral.entry_moments(W)
     X = W - mean  # (rows, cols), W's dtype
-    var = float(sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2
-                    for c in X.reshape(-1).split(1 << 24))) / X.numel()
     edge, threshold = mp.tw_edge(var, N, M)
     S = shuffle(X, generator)
     del X

@@ -118,24 +118,25 @@ def decode_mxfp4(job: MatrixJob, reader: TensorReader,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     blocks_info, scales_info = job.parts
     blocks, scales = reader.raw(blocks_info, device), reader.raw(scales_info, device)
-    try:
-        W = mxfp4_dequantize(blocks, scales)
-    except DecodeError as e:
-        raise DecodeError(f"{blocks_info.file}: tensor {blocks_info.name!r}: {e}") from None
+    W = _in_context(blocks_info, mxfp4_dequantize, blocks, scales)
     return W, mxfp4_nan_rows(scales)
 
 
 def decode_fp8_block(job: MatrixJob, reader: TensorReader, device: torch.device) -> torch.Tensor:
     w_info, s_info = job.parts
-    try:
-        return fp8_block_dequantize(reader.raw(w_info, device), reader.raw(s_info, device))
-    except DecodeError as e:
-        raise DecodeError(f"{w_info.file}: tensor {w_info.name!r}: {e}") from None
+    return _in_context(w_info, fp8_block_dequantize, reader.raw(w_info, device),
+                       reader.raw(s_info, device))
 
 
 def decode_scaled(job: MatrixJob, reader: TensorReader, device: torch.device) -> torch.Tensor:
     w_info, s_info = job.parts
+    return _in_context(w_info, scaled_dequantize, reader.raw(w_info, device),
+                       reader.raw(s_info, device))
+
+
+def _in_context(info, fn, *args):
+    """Run a dequantizer; its DecodeError gains the file and tensor name."""
     try:
-        return scaled_dequantize(reader.raw(w_info, device), reader.raw(s_info, device))
+        return fn(*args)
     except DecodeError as e:
-        raise DecodeError(f"{w_info.file}: tensor {w_info.name!r}: {e}") from None
+        raise DecodeError(f"{info.file}: tensor {info.name!r}: {e}") from None

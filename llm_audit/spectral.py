@@ -173,5 +173,15 @@ def spectral_norms(evals: torch.Tensor) -> SpectralNorms:
                          entropy=ent, rank=rank)
 
 
+def entry_moments(W: torch.Tensor) -> tuple[float, float]:
+    """(mean, population variance) of W's entries, accumulated in float64 chunk by chunk (no
+    float64 copy of a 579M-entry embedding)."""
+    n = W.numel()
+    mean = float(W.sum(dtype=torch.float64)) / n
+    sq = sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2
+             for c in W.reshape(-1).split(1 << 24))
+    return mean, max(sq / n - mean * mean, 0.0)
+
+
 def alpha_weighted(alpha: float, lambda_max: float) -> float:
     return alpha * math.log10(lambda_max)

@@ -176,6 +176,21 @@ def save_snapshot(model: torch.nn.Module, out_dir: Path, step: int) -> Path:
     return path
 
 
+def load_checkpoint(out_dir: Path, model: torch.nn.Module, opt, device) -> dict | None:
+    """Resume from ``out_dir/checkpoint.pt`` if present: load model and optimizer state, cut the
+    CSVs back to its step, and return the checkpoint dict (None when starting fresh)."""
+    path = out_dir / "checkpoint.pt"
+    if not path.exists():
+        return None
+    ck = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    for name in ("history.csv", "layers.csv"):
+        truncate_csv(out_dir / name, int(ck["step"]))
+    print(f"resuming from {path} at step {int(ck['step'])}", flush=True)
+    return ck
+
+
 def print_progress(row: dict, t0: float, steps_done: int) -> None:
     """One console line per measurement: accuracies, mean α, traps, norm, speed since t0."""
     dt = time.perf_counter() - t0

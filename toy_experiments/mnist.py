@@ -177,17 +177,8 @@ def save_checkpoint(run: Run, model: MLP3, opt: AdamW, step: int, peak_norm: flo
 
 def load_checkpoint(run: Run, model: MLP3, opt: AdamW) -> tuple[int, float]:
     """Resume from ``out/checkpoint.pt`` when there is one: (its step, the peak norm so far)."""
-    path = run.out / "checkpoint.pt"
-    if not path.exists():
-        return 0, 0.0
-    ck = torch.load(path, map_location=run.device, weights_only=True)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["opt"])
-    step = int(ck["step"])
-    for name in ("history.csv", "layers.csv"):
-        measure.truncate_csv(run.out / name, step)
-    print(f"resuming from {path} at step {step}", flush=True)
-    return step, float(ck.get("peak_norm", 0.0))
+    ck = measure.load_checkpoint(run.out, model, opt, run.device)
+    return (0, 0.0) if ck is None else (int(ck["step"]), float(ck.get("peak_norm", 0.0)))
 
 
 def train(run: Run) -> Path:

@@ -116,17 +116,8 @@ def save_checkpoint(run: Run, model: ModAddTransformer, opt: AdamW,
 
 def load_checkpoint(run: Run, model: ModAddTransformer, opt: AdamW) -> int:
     """Resume from ``out/checkpoint.pt`` when there is one: returns its step (0 if none)."""
-    path = run.out / "checkpoint.pt"
-    if not path.exists():
-        return 0
-    ck = torch.load(path, map_location=run.device, weights_only=True)
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["opt"])
-    step = int(ck["step"])
-    for name in ("history.csv", "layers.csv"):
-        measure.truncate_csv(run.out / name, step)
-    print(f"resuming from {path} at step {step}", flush=True)
-    return step
+    ck = measure.load_checkpoint(run.out, model, opt, run.device)
+    return 0 if ck is None else int(ck["step"])
 
 
 def setup(run: Run) -> tuple[ModAddData, ModAddTransformer, AdamW]:

@@ -6,9 +6,9 @@ image or HTML into the comment) with table-breaking characters escaped.
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
+
+from .html import fmt as _fmt
 
 TABLE_COLUMNS = ("name", "layer", "module", "expert", "N", "M", "alpha", "D", "num_pl_spikes",
                  "log_norm", "rand_num_spikes", "max_rand_eval", "rand_bulk_max", "warning")
@@ -94,14 +94,6 @@ def _table(df: pd.DataFrame, limit: int) -> list[str]:
     if len(df) > limit:
         out.append(f"\n… and {len(df) - limit} more (see layers.csv).")
     return out + [""]
-
-
-def _fmt(v) -> str:
-    if v is None or v is pd.NA:
-        return ""
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
 
 
 def _code(text) -> str:
