@@ -1,7 +1,9 @@
-"""One matrix in, one result row out: spectral metrics + correlation traps + verdict.
+"""Matrices in, result rows out: spectral metrics + correlation traps + verdict.
 
-Shared by the checkpoint audit and the in-memory training monitor. Never raises for a bad
-matrix: the row comes back with status 'failed' and the reason in `warning`.
+Shared by the checkpoint audit and the in-memory training monitor. `analyse_stack` takes B
+equal-shaped matrices (the experts of one MoE tensor) and does the expensive parts batched: one
+Gram product and eigensolve for the stack, one shuffle permutation, one batched sketch. Never
+raises for a bad matrix: its row comes back with status 'failed' and the reason in `warning`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +24,10 @@ from .options import AuditOptions
 from .records import MatrixResult
 
 log = logging.getLogger(__name__)
+# precision='auto' accepts float32 when round-off cannot move α by more than
+# max(ALPHA_TOL, ALPHA_TOL_SIGMAS·σ(α)), σ(α) being the fit's own standard error
+ALPHA_TOL, ALPHA_TOL_SIGMAS = 0.01, 0.25
+PERTURB_ULPS, PERTURB_TRIALS = 8, 2  # round-off probe when the bound alone cannot decide
 MIN_EVALS = 8  # smaller matrices (e.g. BERT's 2-row token_type_embeddings) say nothing; WW skips
 
 
@@ -33,30 +40,140 @@ class MatrixMeta:
     dtype: str
 
 
-def matrix_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """A generator seeded from (seed, matrix name): results do not depend on audit order."""
-    g = torch.Generator(device=device)
+def matrix_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, name): results do not depend on audit order, batch
+    size or device (random numbers are drawn on the CPU and moved)."""
+    g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     return g
 
 
 def analyse_matrix(W: torch.Tensor, meta: MatrixMeta, opts: AuditOptions) -> MatrixResult:
     """Analyse one (rows, cols) float matrix on its own device."""
+    return analyse_stack(W[None], (meta,), opts, key=meta.name)[0]
+
+
+def analyse_stack(W: torch.Tensor, metas: Sequence[MatrixMeta], opts: AuditOptions, *,
+                  key: str) -> list[MatrixResult]:
+    """Analyse B equal-shaped matrices W (B, rows, cols) on W's device.
+
+    `key` names the stack (the stored tensor): it seeds the one shuffle permutation all its
+    matrices share, so results do not depend on how a stack is cut into batches.
+    """
     t0 = time.perf_counter()
-    N, M = max(W.shape), min(W.shape)
-    base = dict(name=meta.name, layer=meta.layer, module=meta.module, expert=meta.expert,
-                N=N, M=M, dtype=meta.dtype)
+    rows: list[MatrixResult | None] = [None] * len(metas)
+    good = []
+    for b, meta in enumerate(metas):
+        try:
+            _check_analysable(W[b])
+            good.append(b)
+        except SpectralError as e:
+            rows[b] = _failed(W[b], meta, f"failed: {e}", 0.0)
+    if good:
+        Wg = W if len(good) == len(metas) else W[good]
+        for b, row in zip(good, _analyse_checked(Wg, [metas[b] for b in good], opts, key),
+                          strict=True):
+            rows[b] = row
+    if not good:
+        log.debug("%s: no analysable matrix (%.3f s)", key, time.perf_counter() - t0)
+    return rows  # type: ignore[return-value]
+
+
+def _analyse_checked(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOptions,
+                     key: str) -> list[MatrixResult]:
+    """Batched analysis; an eigensolver failure is retried matrix by matrix to isolate it."""
     try:
-        _check_analysable(W)
-        fields = _metrics(W, N, M, meta, opts)
-    except SpectralError as e:
-        return MatrixResult(**base, warning=f"failed: {e}", status="failed",
-                            seconds=time.perf_counter() - t0)
+        return _analyse_batch(W, metas, opts, key)
     except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. eigensolver did not converge
-        log.warning("matrix %s failed: %s", meta.name, e)
-        return MatrixResult(**base, warning=f"failed: {type(e).__name__}: {e}"[:300],
-                            status="failed", seconds=time.perf_counter() - t0)
-    return MatrixResult(**base, **fields, seconds=time.perf_counter() - t0)
+        if len(metas) > 1:
+            return [_analyse_checked(W[b:b + 1], [m], opts, key)[0] for b, m in enumerate(metas)]
+        log.warning("matrix %s failed: %s", metas[0].name, e)
+        return [_failed(W[0], metas[0], f"failed: {type(e).__name__}: {e}"[:300], math.nan)]
+
+
+def _analyse_batch(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOptions,
+                   key: str) -> list[MatrixResult]:
+    B, clock = len(metas), _Clock(W.device)
+    dtype = opts.eig_dtype()
+    evals = spectral.esd(W, dtype=dtype).double()  # (B, M)
+    t_eig = clock.lap()
+    fields, precisions = [], []
+    for b in range(B):
+        ev, out = _spectral_fields(W[b], evals[b], opts, metas[b].name)
+        evals[b] = ev
+        fields.append(out)
+        precisions.append(out["precision"])
+    t_fit = clock.lap()
+    if opts.randomize:
+        prec = torch.float64 if all(p == "float64" for p in precisions) else dtype
+        traps = detect.stack_traps(
+            W, evals, rule=opts.trap_rule, generator=matrix_generator(opts.seed, key),
+            generators=[matrix_generator(opts.seed, m.name) for m in metas],
+            moments=[(f["entry_mean"], f["entry_var"]) for f in fields], dtype=prec)
+        for f, tr in zip(fields, traps, strict=True):
+            f.update(rand_num_spikes=tr.num_traps, max_rand_eval=tr.max_rand_eval,
+                     rand_bulk_max=tr.bulk_max, rand_sigma_mp=tr.sigma_mp,
+                     rand_distance=tr.distance, trap_threshold=tr.threshold)
+    t_trap = clock.lap()
+    cost = dict(eigen_seconds=t_eig / B, fit_seconds=t_fit / B, trap_seconds=t_trap / B,
+                seconds=(t_eig + t_fit + t_trap) / B)
+    return [MatrixResult(**_base(W[b], m), **_without(fields[b], "entry_var"), **cost)
+            for b, m in enumerate(metas)]
+
+
+def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,
+                     name: str) -> tuple[torch.Tensor, dict]:
+    """Fit, norms, MP fit and confounds of one matrix from its eigenvalues. With precision
+    'auto', a float32 spectrum whose xmin choice or spike count round-off could change is
+    recomputed in float64 (returned along with the fields)."""
+    N, M = max(W.shape), min(W.shape)
+    prec = opts.eig_dtype()
+    round_off = spectral.FLOAT32_ROUND_OFF if prec == torch.float32 else 0.0
+    fit = spectral.fit_power_law(evals, fix_fingers=opts.fix_fingers, round_off=round_off)
+    mp = mp_fit(evals, N, M)
+    if opts.precision == "auto" and not _float32_decided(evals, fit, mp.threshold, opts, name):
+        prec = torch.float64
+        evals = spectral.esd(W)
+        fit = spectral.fit_power_law(evals, fix_fingers=opts.fix_fingers)
+        mp = mp_fit(evals, N, M)
+    norms = spectral.spectral_norms(evals)
+    out = dict(
+        alpha=fit.alpha, xmin=fit.xmin, D=fit.D, sigma=fit.sigma,
+        num_pl_spikes=fit.num_pl_spikes, num_fingers=fit.num_fingers, raw_alpha=fit.raw_alpha,
+        alpha_weighted=spectral.alpha_weighted(fit.alpha, norms.lambda_max),
+        lambda_max=norms.lambda_max, log_norm=norms.log_norm,
+        log_spectral_norm=norms.log_spectral_norm, stable_rank=norms.stable_rank,
+        entropy=norms.entropy, matrix_rank=norms.rank,
+        num_spikes=mp.num_spikes, sigma_mp=mp.sigma_mp, bulk_max=mp.bulk_max,
+        warning=detect.warning_for(fit), status="ok" if fit.ok else "failed",  # norms still kept
+        precision=str(prec).removeprefix("torch."),
+    )
+    out.update(_confounds(W))
+    return evals, out
+
+
+def _float32_decided(evals: torch.Tensor, fit: spectral.PowerLawFit, mp_threshold: float,
+                     opts: AuditOptions, name: str) -> bool:
+    """Whether float32 eigenvalues give the float64 answer. The fit must be decided beyond
+    round-off: by the bound (`alpha_spread`) or, failing that, by refitting twice with every
+    eigenvalue perturbed by PERTURB_ULPS ulps of λ_max (the measured size of float32's error);
+    α may move by at most max(ALPHA_TOL, ALPHA_TOL_SIGMAS·σ(α)). No eigenvalue may sit within
+    round-off of the MP spike threshold. A failed fit is redone in float64 (round-off?)."""
+    if not fit.ok:
+        return False
+    tol = max(ALPHA_TOL, ALPHA_TOL_SIGMAS * fit.sigma)
+    lmax = float(evals.max())
+    if fit.alpha_spread > tol:
+        gen = matrix_generator(opts.seed, name + "/round-off")
+        scale = PERTURB_ULPS * torch.finfo(torch.float32).eps * lmax
+        for _ in range(PERTURB_TRIALS):
+            noise = torch.randn(evals.shape, generator=gen, dtype=torch.float64) * scale
+            refit = spectral.fit_power_law(evals + noise.to(evals.device),
+                                           fix_fingers=opts.fix_fingers)
+            if not refit.ok or abs(refit.alpha - fit.alpha) > tol:
+                return False
+    err = spectral.float32_eig_err(lmax)
+    return not bool(((evals - mp_threshold).abs() <= err).any())
 
 
 def _check_analysable(W: torch.Tensor) -> None:
@@ -71,36 +188,40 @@ def _check_analysable(W: torch.Tensor) -> None:
         raise SpectralError("all entries are zero")
 
 
-def _metrics(W: torch.Tensor, N: int, M: int, meta: MatrixMeta, opts: AuditOptions) -> dict:
-    evals = spectral.esd(W)
-    fit = spectral.fit_power_law(evals, fix_fingers=opts.fix_fingers)
-    norms = spectral.spectral_norms(evals)
-    mp = mp_fit(evals, N, M)
-    out = dict(
-        alpha=fit.alpha, xmin=fit.xmin, D=fit.D, sigma=fit.sigma,
-        num_pl_spikes=fit.num_pl_spikes, num_fingers=fit.num_fingers, raw_alpha=fit.raw_alpha,
-        alpha_weighted=spectral.alpha_weighted(fit.alpha, norms.lambda_max),
-        lambda_max=norms.lambda_max, log_norm=norms.log_norm,
-        log_spectral_norm=norms.log_spectral_norm, stable_rank=norms.stable_rank,
-        entropy=norms.entropy, matrix_rank=norms.rank,
-        num_spikes=mp.num_spikes, sigma_mp=mp.sigma_mp, bulk_max=mp.bulk_max,
-    )
-    out.update(_confounds(W))
-    if opts.randomize:
-        gen = matrix_generator(opts.seed, meta.name, W.device)
-        traps = detect.correlation_traps(W, evals, rule=opts.trap_rule, generator=gen)
-        out.update(rand_num_spikes=traps.num_traps, max_rand_eval=traps.max_rand_eval,
-                   rand_bulk_max=traps.bulk_max, rand_sigma_mp=traps.sigma_mp,
-                   rand_distance=traps.distance, trap_threshold=traps.threshold)
-    out["warning"] = detect.warning_for(fit)
-    out["status"] = "ok" if fit.ok else "failed"  # the norms are still reported
-    return out
-
-
 def _confounds(W: torch.Tensor) -> dict:
     """Entry statistics that can fake a trap: a non-zero mean, a single huge entry."""
     n = W.numel()
     mean, var = spectral.entry_moments(W)
     std = math.sqrt(var * n / max(n - 1, 1))  # unbiased, as torch.std
-    return dict(entry_mean=mean, entry_std=std, mean_spike=mean * mean * n,
+    return dict(entry_mean=mean, entry_std=std, entry_var=var, mean_spike=mean * mean * n,
                 max_abs_w_over_std=float(W.abs().max()) / std if std > 0 else math.inf)
+
+
+def _base(W: torch.Tensor, meta: MatrixMeta) -> dict:
+    return dict(name=meta.name, layer=meta.layer, module=meta.module, expert=meta.expert,
+                N=max(W.shape), M=min(W.shape), dtype=meta.dtype)
+
+
+def _failed(W: torch.Tensor, meta: MatrixMeta, warning: str, seconds: float) -> MatrixResult:
+    return MatrixResult(**_base(W, meta), warning=warning, status="failed", seconds=seconds)
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+class _Clock:
+    """Lap times of a sequence of stages; waits for the device's queue at each lap so that
+    asynchronous CUDA work is charged to the stage that issued it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._device = device
+        self._t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self._cuda:
+            torch.cuda.current_stream(self._device).synchronize()
+        now = time.perf_counter()
+        dt, self._t = now - self._t, now
+        return dt

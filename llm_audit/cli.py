@@ -36,6 +36,10 @@ def _audit_options(f):
                           "MP edge."),
         click.option("--fix-fingers", default="none", show_default=True,
                      type=click.Choice(["none", "clip_xmax"])),
+        click.option("--precision", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "float64"]),
+                     help="Eigenvalue precision. auto: float32, redone in float64 for any "
+                          "matrix whose answer float32 round-off could change."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow *.bin/*.pt/*.pth checkpoints (loaded with "
                           "torch.load(weights_only=True))."),
@@ -56,7 +60,7 @@ def _setup_logging(debug: bool) -> None:
 def _options(kw: dict) -> dict:
     return dict(include=kw["include"], exclude=kw["exclude"], device=kw["device"],
                 seed=kw["seed"], randomize=not kw["no_randomize"], trap_rule=kw["trap_rule"],
-                fix_fingers=kw["fix_fingers"])
+                fix_fingers=kw["fix_fingers"], precision=kw["precision"])
 
 
 @click.command(context_settings=_CTX)

@@ -7,6 +7,7 @@ the device.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -42,11 +43,17 @@ class DecodedMatrix:
 
 
 class TensorReader:
-    """Reads tensors' bytes, keeping one open handle per shard file (context manager)."""
+    """Reads tensors' bytes, keeping one open handle per shard file (context manager).
 
-    def __init__(self) -> None:
+    With `pin`, bytes land in pinned host memory and go to a CUDA device asynchronously.
+    `read_seconds` accumulates the time spent reading files.
+    """
+
+    def __init__(self, pin: bool = False) -> None:
         self._stack = ExitStack()
         self._handles: dict = {}
+        self._pin = pin
+        self.read_seconds = 0.0
 
     def __enter__(self) -> TensorReader:
         return self
@@ -58,13 +65,20 @@ class TensorReader:
         """The tensor with its stored dtype and shape, on `device`."""
         if info.file not in self._handles:
             self._handles[info.file] = self._stack.enter_context(open(info.file, "rb"))
-        buf = read_bytes(info, self._handles[info.file])
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is None:
             raise DecodeError(f"{info.file}: tensor {info.name!r}: dtype {info.dtype} "
                               f"{list(info.shape)} cannot be decoded")
-        t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-        return t.to(device).view(dtype).reshape(info.shape)
+        t0 = time.perf_counter()
+        if self._pin and info.nbytes:
+            t = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=True)
+            read_bytes(info, self._handles[info.file], out=t.numpy())
+        else:
+            buf = read_bytes(info, self._handles[info.file])
+            t = torch.frombuffer(buf, dtype=torch.uint8) if buf else \
+                torch.empty(0, dtype=torch.uint8)
+        self.read_seconds += time.perf_counter() - t0
+        return t.to(device, non_blocking=self._pin).view(dtype).reshape(info.shape)
 
 
 def decode_dense(job: MatrixJob, reader: TensorReader, device: torch.device) -> torch.Tensor:

@@ -8,6 +8,7 @@ traps shuffles into a clean MP bulk.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,62 +35,111 @@ class TrapResult:
 
 
 def shuffle(W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random permutation of W's entries, same shape: correlations destroyed, values kept."""
-    flat = W.reshape(-1)
-    index = torch.int32 if flat.numel() < 2**31 else torch.int64  # halves a 579M-entry perm
-    perm = torch.randperm(flat.numel(), generator=generator, device=generator.device,
-                          dtype=index)
-    return flat[perm.to(W.device)].reshape(W.shape)
+    """A random permutation of W's entries, same shape: correlations destroyed, values kept.
+
+    W: (rows, cols), or (B, rows, cols) where every matrix gets the same permutation (one
+    uniformly random permutation per matrix, drawn once for the stack). The permutation is
+    drawn on the generator's device and moved to W's.
+    """
+    flat = W.reshape(*W.shape[:-2], -1)
+    n = flat.shape[-1]
+    index = torch.int32 if n < 2**31 else torch.int64  # halves a 579M-entry perm
+    perm = torch.randperm(n, generator=generator, device=generator.device, dtype=index)
+    return flat.index_select(-1, perm.to(W.device)).reshape(W.shape)
 
 
 def correlation_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str,
-                      generator: torch.Generator) -> TrapResult:
+                      generator: torch.Generator, dtype: torch.dtype = torch.float64
+                      ) -> TrapResult:
     """Count correlation traps of W (rows, cols); `evals` is W's own ESD (for rand_distance)."""
+    mean, var = spectral.entry_moments(W)
+    return stack_traps(W[None], evals[None], rule=rule, generator=generator,
+                       generators=(generator,), moments=((mean, var),), dtype=dtype)[0]
+
+
+def stack_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str, generator: torch.Generator,
+                generators: Sequence[torch.Generator],
+                moments: Sequence[tuple[float, float]],
+                dtype: torch.dtype = torch.float64) -> list[TrapResult]:
+    """Traps of B equal-shaped matrices W (B, rows, cols) at once. `evals` (B, M): their ESDs;
+    `generator` draws the shuffle shared by the stack, `generators[b]` matrix b's sketches;
+    `moments[b]` = (mean, variance) of matrix b's entries; `dtype`: the eigen precision (a
+    float32 count that lands within round-off of its threshold is redone in float64)."""
     if rule == "ww":
-        return _traps_ww(W, evals, generator)
+        return _traps_ww(W, evals, generator, dtype)
     if rule == "tw":
-        return _traps_tw(W, generator)
+        return _traps_tw(W, generator, generators, moments, dtype)
     raise ValueError(f"unknown trap rule {rule!r}")
 
 
-def _traps_ww(W: torch.Tensor, evals: torch.Tensor, generator: torch.Generator) -> TrapResult:
+def _traps_ww(W: torch.Tensor, evals: torch.Tensor, generator: torch.Generator,
+              dtype: torch.dtype) -> list[TrapResult]:
     """WeightWatcher's rule: MP fit of the shuffled ESD, traps above bulk_max + √s_TW."""
-    N, M = max(W.shape), min(W.shape)
+    N, M = max(W.shape[-2:]), min(W.shape[-2:])
     reps = WW_SMALL_REPS if M < WW_SMALL_M else 1
-    shuffled = [spectral.esd(shuffle(W, generator)) for _ in range(reps)]
-    pooled = torch.cat(shuffled)
-    fit = mp.mp_fit(pooled, N, M)
-    lam = pooled.cpu().numpy()
-    traps = tuple(sorted((float(v) for v in lam[lam > fit.threshold]), reverse=True))
-    return TrapResult(num_traps=fit.num_spikes, max_rand_eval=fit.max_eval,
-                      bulk_max=fit.bulk_max, sigma_mp=fit.sigma_mp, threshold=fit.threshold,
-                      distance=js_distance(evals, shuffled[0]), trap_evals=traps)
+    shuffled = [shuffle(W, generator) for _ in range(reps)]  # each (B, rows, cols)
+    esds = [spectral.esd(S, dtype=dtype).double() for S in shuffled]  # each (B, M)
+    out = []
+    for b in range(W.shape[0]):
+        pooled = torch.cat([e[b] for e in esds])
+        fit = mp.mp_fit(pooled, N, M)
+        if dtype != torch.float64 and _near(pooled, fit.threshold, _eig_err(pooled)):
+            pooled = torch.cat([spectral.esd(S[b]) for S in shuffled])  # exact in float64
+            fit = mp.mp_fit(pooled, N, M)
+        lam = pooled.cpu().numpy()
+        traps = tuple(sorted((float(v) for v in lam[lam > fit.threshold]), reverse=True))
+        out.append(TrapResult(num_traps=fit.num_spikes, max_rand_eval=fit.max_eval,
+                              bulk_max=fit.bulk_max, sigma_mp=fit.sigma_mp,
+                              threshold=fit.threshold,
+                              distance=js_distance(evals[b], pooled[:M]), trap_evals=traps))
+    return out
 
 
-def _traps_tw(W: torch.Tensor, generator: torch.Generator) -> TrapResult:
+def _traps_tw(W: torch.Tensor, generator: torch.Generator,
+              generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
+              dtype: torch.dtype) -> list[TrapResult]:
     """Tracy–Widom rule: exact MP edge from the entries' variance (known for a shuffled matrix),
     traps above the TW₁ 99.9% quantile; the mean is removed first (its rank-1 spike is reported
     separately as `mean_spike`). Only the top of the spectrum is needed: for M >= RSVD_MIN_M a
-    randomized SVD computes it, below that the exact Gram route is cheaper."""
-    N, M = max(W.shape), min(W.shape)
-    mean, var = spectral.entry_moments(W)
-    X = W - mean  # (rows, cols), W's dtype
-    edge, threshold = mp.tw_edge(var, N, M)
-    S = shuffle(X, generator)
-    del X
+    randomized block-Krylov SVD computes it, below that the exact Gram route is cheaper."""
+    N, M = max(W.shape[-2:]), min(W.shape[-2:])
+    means = torch.tensor([m for m, _ in moments], dtype=W.dtype, device=W.device)
+    S = shuffle(W, generator).sub_(means[:, None, None])  # (B, rows, cols), mean removed
+    out = []
+    for b, (_, var) in enumerate(moments):
+        edge, threshold = mp.tw_edge(var, N, M)
+        top = _top_above(S[b], threshold, generators[b], dtype)
+        if dtype != torch.float64 and _near(top, threshold, _eig_err(top)):
+            top = _top_above(S[b], threshold, generators[b], torch.float64)
+        traps = tuple(float(v) for v in top if float(v) > threshold)
+        out.append(TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]), bulk_max=edge,
+                              sigma_mp=math.nan, threshold=threshold, distance=math.nan,
+                              trap_evals=traps))
+    return out
+
+
+def _top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Descending top eigenvalues of SᵀS, enough of them to include one at or below
+    `threshold` (or all M)."""
+    M = min(S.shape)
     if M < RSVD_MIN_M:
-        top = torch.flip(spectral.esd(S), [0])
-    else:
-        k = TW_TOP_K
-        while True:
-            top = rsvd.top_eigenvalues(S, k, generator=generator)
-            if float(top[-1]) <= threshold or k >= M:
-                break
-            k = min(2 * k, M)
-    traps = tuple(float(v) for v in top if float(v) > threshold)
-    return TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]), bulk_max=edge,
-                      sigma_mp=math.nan, threshold=threshold, distance=math.nan,
-                      trap_evals=traps)
+        return torch.flip(spectral.esd(S, dtype=dtype), [0]).double()
+    k = TW_TOP_K
+    while True:
+        top = rsvd.top_eigenvalues(S, k, generator=generator, dtype=dtype).double()
+        if float(top[-1]) <= threshold or k >= M:
+            return top
+        k = min(2 * k, M)
+
+
+def _eig_err(lam: torch.Tensor) -> float:
+    return spectral.float32_eig_err(float(lam.max()))
+
+
+def _near(lam: torch.Tensor, threshold: float, err: float) -> bool:
+    """Whether some eigenvalue is within `err` of the threshold (its side is uncertain)."""
+    return bool(((lam - threshold).abs() <= err).any())
 
 
 def js_distance(a: torch.Tensor, b: torch.Tensor) -> float:

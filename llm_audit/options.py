@@ -11,6 +11,7 @@ from .errors import UsageError
 
 TRAP_RULES = ("ww", "tw")
 FIX_FINGERS = ("none", "clip_xmax")
+PRECISIONS = ("auto", "float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class AuditOptions:
     randomize: bool = True  # compute correlation traps
     trap_rule: str = "ww"  # ww (WeightWatcher's rule) | tw (Tracy-Widom 99.9% above exact edge)
     fix_fingers: str = "none"
+    # eigenvalue precision. auto: float32, redone in float64 for a matrix whose float32 answer
+    # (xmin choice, a trap or spike count) is within round-off of changing
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
@@ -33,6 +37,9 @@ class AuditOptions:
         if self.trap_rule not in TRAP_RULES:
             raise UsageError(f"--trap-rule must be one of {', '.join(TRAP_RULES)}, "
                              f"got {self.trap_rule!r}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.precision!r}")
         if self.fix_fingers not in FIX_FINGERS:
             raise UsageError(f"--fix-fingers must be one of {', '.join(FIX_FINGERS)}, "
                              f"got {self.fix_fingers!r}")
@@ -41,6 +48,10 @@ class AuditOptions:
         if self.include is not None and not re.search(self.include, name):
             return False
         return not (self.exclude is not None and re.search(self.exclude, name))
+
+    def eig_dtype(self) -> torch.dtype:
+        """The precision eigenvalues are first computed in."""
+        return torch.float64 if self.precision == "float64" else torch.float32
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

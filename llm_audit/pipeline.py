@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import platform
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,13 +17,14 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .analysis import MatrixMeta, analyse_matrix
+from .analysis import MatrixMeta, analyse_stack
 from .decode import TensorReader, decode
 from .errors import AuditError, UsageError
 from .hub import resolve_source
 from .journal import Journal, job_key
 from .moe import plan_checkpoint
 from .options import AuditOptions
+from .prefetch import DecodedJob, prefetch
 from .progress import AuditStarted, JobDone, Observer
 from .records import COLUMNS, MatrixResult
 from .routing import MatrixJob, Skipped
@@ -31,6 +33,12 @@ from .spectra import MAX_SPECTRA, Spectra, compute_spectra, suspicious
 
 log = logging.getLogger(__name__)
 SKIPPED_COLUMNS = ("name", "dtype", "shape", "reason")
+#: float32 bytes of matrices analysed as one batch (and decoded ahead of the analysis)
+BATCH_BYTES = {"cpu": 256 << 20, "cuda": 4 << 30}
+#: summary["stage_seconds"] key -> the per-matrix column it sums
+STAGE_COLUMNS = {"read": "read_seconds", "decode": "decode_seconds", "eigen": "eigen_seconds",
+                 "fit": "fit_seconds", "traps": "trap_seconds", "wait": "wait_seconds"}
+_EXPERT_INDEX = re.compile(r"experts\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -97,8 +105,10 @@ def iter_audit(jobs: list[MatrixJob], opts: AuditOptions, progress: Observer | N
                journal: Journal | None = None, model: str = "") -> Iterator[MatrixResult]:
     """Decode and analyse each job in turn; one bad matrix never stops the others.
 
-    A job whose rows are in `journal` (a resumed audit) is not recomputed; every computed job
-    is recorded there durably before its rows are yielded.
+    Jobs are decoded in a background thread while earlier ones are analysed; consecutive
+    experts of one stored tensor are analysed as one batch. A job whose rows are in `journal`
+    (a resumed audit) is not recomputed; every computed job is recorded there durably before
+    its rows are yielded.
     """
     device = opts.torch_device()
     keys = [job_key(j, opts) for j in jobs] if journal is not None else [None] * len(jobs)
@@ -106,12 +116,15 @@ def iter_audit(jobs: list[MatrixJob], opts: AuditOptions, progress: Observer | N
     total = sum(j.nbytes for j in jobs)
     if progress is not None:
         progress(AuditStarted(model, len(jobs), total, sum(c is not None for c in cached)))
+    todo = [j for j, c in zip(jobs, cached, strict=True) if c is None]
     done_bytes = 0
-    with TensorReader() as reader:
+    with contextlib.ExitStack() as stack:
+        computed = stack.enter_context(contextlib.closing(analysed(todo, device, opts)))
         for i, (job, key, rows) in enumerate(zip(jobs, keys, cached, strict=True)):
             hit = rows is not None
             if not hit:
-                rows = tuple(_run_job(job, reader, device, opts))
+                got, rows = next(computed)
+                assert got is job, (got.name, job.name)
                 if journal is not None:
                     journal.record(key, rows)
             done_bytes += job.nbytes
@@ -120,20 +133,88 @@ def iter_audit(jobs: list[MatrixJob], opts: AuditOptions, progress: Observer | N
             yield from rows
 
 
-def _run_job(job: MatrixJob, reader: TensorReader, device: torch.device,
-             opts: AuditOptions) -> Iterator[MatrixResult]:
-    dtype = job.parts[0].dtype if job.scheme == "dense" else job.scheme
-    try:
-        for m in decode(job, reader, device):
-            meta = MatrixMeta(m.name, job.layer, m.module, m.expert, dtype)
-            res = analyse_matrix(m.W, meta, opts)
-            yield dataclasses.replace(res, nan_scales=m.nan_scales) if m.nan_scales else res
-    except AuditError as e:  # this job's bytes could not be decoded: a failed row
-        shape = job.matrix_shape
-        log.warning("%s: %s", job.name, e)
-        yield MatrixResult(name=job.name, layer=job.layer, module=job.module, expert=job.expert,
-                           N=max(shape), M=min(shape), dtype=dtype,
-                           warning=f"failed: {e}", status="failed")
+def analysed(jobs: list[MatrixJob], device: torch.device,
+             opts: AuditOptions) -> Iterator[tuple[MatrixJob, tuple[MatrixResult, ...]]]:
+    """(job, its result rows) for each job in order: decoded ahead in a background thread,
+    experts of one tensor analysed in batches of up to BATCH_BYTES of float32 matrices."""
+    limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])
+    per_job = max((4 * math.prod(j.matrix_shape) for j in jobs), default=1)
+    with prefetch(jobs, device, depth=max(1, limit // per_job)) as decoded:
+        batch: list[DecodedJob] = []
+        for d in decoded:
+            key = _stack_key(d.job)
+            if batch and (key is None or key != _stack_key(batch[0].job)
+                          or _nbytes(batch) + _nbytes([d]) > limit):
+                yield from _analyse_jobs(batch, opts)
+                batch = []
+            batch.append(d)
+        yield from _analyse_jobs(batch, opts)
+
+
+def _stack_key(job: MatrixJob) -> str | None:
+    """Jobs with the same key are experts of one tensor (or one per-expert tensor pattern):
+    equal-shaped, batched together and shuffled with one shared permutation."""
+    if job.expert is None:
+        return None
+    return f"{_EXPERT_INDEX.sub('experts.*.', job.parts[0].name)}/{job.scheme}"
+
+
+def _nbytes(batch: list[DecodedJob]) -> int:
+    return sum(m.W.numel() * m.W.element_size() for d in batch for m in d.matrices)
+
+
+def _analyse_jobs(batch: list[DecodedJob],
+                  opts: AuditOptions) -> Iterator[tuple[MatrixJob, tuple[MatrixResult, ...]]]:
+    """Analyse a batch of decoded jobs; matrix p of every job (gate, up, ...) forms a stack."""
+    rows: dict[int, list[MatrixResult]] = {i: [] for i in range(len(batch))}
+    ok = [i for i, d in enumerate(batch) if d.error is None]
+    for i, d in enumerate(batch):
+        if d.error is not None:
+            rows[i].append(_failed_job(d.job, d.error))
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for i in ok:
+        for p, m in enumerate(batch[i].matrices):
+            groups.setdefault((p, tuple(m.W.shape)), []).append((i, p))
+    for members in groups.values():
+        for (i, _), res in zip(members, _analyse_group(batch, members, opts), strict=True):
+            rows[i].append(res)
+    for i, d in enumerate(batch):
+        share = max(len(rows[i]), 1)
+        yield d.job, tuple(sorted(
+            (dataclasses.replace(r, read_seconds=d.read_seconds / share,
+                                 decode_seconds=d.decode_seconds / share,
+                                 wait_seconds=d.wait_seconds / share) for r in rows[i]),
+            key=lambda r: _position(d, r)))
+
+
+def _analyse_group(batch: list[DecodedJob], members: list[tuple[int, int]],
+                   opts: AuditOptions) -> list[MatrixResult]:
+    mats = [batch[i].matrices[p] for i, p in members]
+    metas = [MatrixMeta(m.name, m.job.layer, m.module, m.expert, _dtype(m.job)) for m in mats]
+    key = _stack_key(mats[0].job)
+    key = mats[0].name if key is None else f"{key}/{mats[0].module}"
+    W = mats[0].W[None] if len(mats) == 1 else torch.stack([m.W for m in mats])
+    results = analyse_stack(W, metas, opts, key=key)
+    return [dataclasses.replace(r, nan_scales=m.nan_scales) if m.nan_scales else r
+            for r, m in zip(results, mats, strict=True)]
+
+
+def _position(d: DecodedJob, row: MatrixResult) -> int:
+    names = [m.name for m in d.matrices]
+    return names.index(row.name) if row.name in names else 0
+
+
+def _dtype(job: MatrixJob) -> str:
+    return job.parts[0].dtype if job.scheme == "dense" else job.scheme
+
+
+def _failed_job(job: MatrixJob, error: AuditError) -> MatrixResult:
+    """The row of a job whose bytes could not be decoded."""
+    shape = job.matrix_shape
+    log.warning("%s: %s", job.name, error)
+    return MatrixResult(name=job.name, layer=job.layer, module=job.module, expert=job.expert,
+                        N=max(shape), M=min(shape), dtype=_dtype(job),
+                        warning=f"failed: {error}", status="failed")
 
 
 def assemble(ckpt: Checkpoint, opts: AuditOptions, rows: list[MatrixResult],
@@ -169,6 +250,8 @@ def summarise(ckpt: Checkpoint, opts: AuditOptions, details: pd.DataFrame,
         "versions": {"llm_audit": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "elapsed_seconds": elapsed,
+        "stage_seconds": {stage: float(details[col].fillna(0).sum())
+                          for stage, col in STAGE_COLUMNS.items()},
     }
 
 

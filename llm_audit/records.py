@@ -58,10 +58,20 @@ class MatrixResult:
     # verdicts
     warning: str = ""  # over-trained | under-trained | failed: <reason> | non-finite ... | ""
     status: str = "ok"  # ok | failed
-    seconds: float = NAN
+    precision: str = ""  # float32 | float64: the precision the eigenvalues were computed in
+    # cost, in seconds; a stack's shared work (reading, one batched eigensolve) split evenly
+    seconds: float = NAN  # analysis of this matrix (eigen + fit + traps)
+    read_seconds: float = NAN  # reading its bytes (background thread)
+    decode_seconds: float = NAN  # dequantizing (background thread)
+    wait_seconds: float = NAN  # analysis waiting for its bytes (I/O that compute did not hide)
+    eigen_seconds: float = NAN  # Gram matrix + eigenvalues
+    fit_seconds: float = NAN  # power-law, MP fit, norms, confounds
+    trap_seconds: float = NAN  # shuffle + top of the shuffled spectrum
 
     def as_row(self) -> dict:
         return asdict(self)
 
 
 COLUMNS = tuple(f.name for f in fields(MatrixResult))
+#: columns that measure cost, not the model: they differ from run to run
+TIMING_COLUMNS = tuple(c for c in COLUMNS if c == "seconds" or c.endswith("_seconds"))

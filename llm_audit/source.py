@@ -269,9 +269,10 @@ def _convert_pickles(files: list[Path]) -> tuple[list[Path], Path | None]:
     return [by_src.get(f, f) for f in files], tmp
 
 
-def read_bytes(info: TensorInfo, handle) -> bytearray:
-    """Read one tensor's bytes from an open binary file handle (each tensor is read once)."""
-    buf = bytearray(info.nbytes)
+def read_bytes(info: TensorInfo, handle, out=None):
+    """Read one tensor's bytes from an open binary file handle (each tensor is read once),
+    into `out` (a writable buffer of info.nbytes bytes) or a new bytearray; returns the buffer."""
+    buf = bytearray(info.nbytes) if out is None else out
     handle.seek(info.begin)
     got = handle.readinto(buf)
     if got != info.nbytes:

@@ -77,7 +77,7 @@ def compute_spectra(W: torch.Tensor, row: pd.Series, reason: str,
 
 
 def _shuffled_esd(W: torch.Tensor, name: str, opts: AuditOptions) -> list[float]:
-    gen = matrix_generator(opts.seed, name, W.device)
+    gen = matrix_generator(opts.seed, name)
     if opts.trap_rule == "tw":  # the tw rule shuffles the mean-removed matrix
         X = W.to(torch.float64)
         return sorted(spectral.esd(detect.shuffle(X - X.mean(), gen)).cpu().tolist())

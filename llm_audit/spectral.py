@@ -13,6 +13,12 @@ import torch
 
 EVALS_THRESH = 1e-5  # eigenvalues at or below this are ignored by the power-law fit
 GRAM_CHUNK_ROWS = 16384  # rows per chunk when accumulating WᵀW of a tall matrix
+GRAM_BLOCKS = 4  # column blocks of the lower-triangle Gram product on CPU
+F32_ERR_ULPS = 64  # float32 eigenvalue round-off bound in ulps of λ_max (measured <= 30)
+# |D_f32 - D_f64| of a candidate <= C·eps32·(α-1)·λ_max/xmin with C <= 30 measured on
+# all-MiniLM-L6-v2 and 2880² experts (benchmarks/RESULTS.md); 64 leaves a factor 2
+FLOAT32_ROUND_OFF = 64 * 1.1920928955078125e-07
+ROUND_OFF_FLOOR = 100  # eigenvalues below 100 x the round-off bound are not trusted as xmin
 SMALL_N = 20  # below this many eigenvalues the small-sample fit is used
 SMALL_N_MIN_TAIL = 8
 CLIP_XMAX_FIRST, CLIP_XMAX_LAST = 2, 9  # eigenvalues clipped by fix_fingers='clip_xmax'
@@ -31,6 +37,9 @@ class PowerLawFit:
     num_fingers: int = 0
     raw_alpha: float = math.nan  # α before fix_fingers; equals alpha when none were clipped
     failed: str = ""  # reason the fit failed, empty when it succeeded
+    # how far α could move if eigenvalue round-off (the fit's `round_off`) changed the xmin
+    # choice: the largest |α' - α| over candidates whose D is within round-off of the best
+    alpha_spread: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -48,37 +57,58 @@ class SpectralNorms:
 
 
 def esd(W: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Ascending eigenvalues λ = s(W)² of WᵀW, M = min(W.shape) of them.
+    """Ascending eigenvalues λ = s(W)² of WᵀW: M = min(rows, cols) of them, for one matrix
+    (rows, cols) -> (M,) or a batch of equal-shaped matrices (B, rows, cols) -> (B, M).
 
     Computed as eigvalsh of the (M, M) Gram matrix in `dtype` (float64 by default): 3-4x cheaper
     than an SVD; clamped at 0 since round-off can make the smallest ones slightly negative. Tall
     matrices are converted chunk by chunk, so a 201088 x 2880 embedding never exists in float64.
     """
-    A = W if W.shape[0] >= W.shape[1] else W.T  # (N, M), N >= M
-    if A.dtype == dtype or A.shape[0] <= GRAM_CHUNK_ROWS:
-        A = A.to(dtype)
-        G = A.T @ A  # (M, M)
-    else:  # tall (embeddings, lm_head): accumulate in row chunks, no full copy in `dtype`
+    return torch.linalg.eigvalsh(gram(W, dtype=dtype)).clamp_min_(0.0)
+
+
+def gram(W: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """AᵀA for A = W or Wᵀ, whichever is taller: (..., M, M) in `dtype`.
+
+    On CPU only the lower triangle (all `eigvalsh` reads) is computed, in column blocks: 40%
+    fewer flops than a full product. Tall single matrices accumulate over row chunks.
+    """
+    A = W if W.shape[-2] >= W.shape[-1] else W.mT  # (..., N, M), N >= M
+    if A.ndim == 2 and A.dtype != dtype and A.shape[0] > GRAM_CHUNK_ROWS:
         G = torch.zeros(A.shape[1], A.shape[1], dtype=dtype, device=A.device)
-        for rows in A.split(GRAM_CHUNK_ROWS):
+        for rows in A.split(GRAM_CHUNK_ROWS):  # tall (embeddings): no full copy in `dtype`
             c = rows.to(dtype)
             G.addmm_(c.T, c)
-    return torch.linalg.eigvalsh(G).clamp_min_(0.0)
+        return G
+    A = A.to(dtype)
+    if A.device.type != "cpu":
+        return A.mT @ A
+    M = A.shape[-1]
+    G = torch.empty(*A.shape[:-2], M, M, dtype=dtype)
+    step = -(-M // GRAM_BLOCKS)
+    for j in range(0, M, step):  # block column j: rows j.. of the lower triangle
+        G[..., j:, j:j + step] = A[..., j:].mT @ A[..., j:j + step]
+    return G.tril_()
 
+def fit_power_law(evals: torch.Tensor, *, fix_fingers: str = "none",
+                  round_off: float = 0.0) -> PowerLawFit:
+    """Fit the ESD tail. `evals`: 1-D eigenvalues, any order. See NOTES.md §1.
 
-def fit_power_law(evals: torch.Tensor, *, fix_fingers: str = "none") -> PowerLawFit:
-    """Fit the ESD tail. `evals`: 1-D eigenvalues, any order. See NOTES.md §1."""
+    `round_off` (e.g. FLOAT32_ROUND_OFF for eigenvalues computed in float32) sets the
+    `alpha_spread` the fit reports: each candidate's D is taken as uncertain by
+    round_off·(α_i - 1)·λ_max/xmin_i (the measured size of float32's effect on D).
+    """
     lam = torch.sort(evals.to(torch.float64)).values
     lam = lam[lam > EVALS_THRESH]
-    raw = _fit_sorted(lam)
+    raw = _fit_sorted(lam, round_off)
     if fix_fingers == "none" or not raw.ok:
         return raw
     if fix_fingers != "clip_xmax":
         raise ValueError(f"fix_fingers must be 'none' or 'clip_xmax', got {fix_fingers!r}")
-    return _clip_xmax(lam, raw)
+    return _clip_xmax(lam, raw, round_off)
 
 
-def _fit_sorted(lam: torch.Tensor) -> PowerLawFit:
+def _fit_sorted(lam: torch.Tensor, round_off: float = 0.0) -> PowerLawFit:
     n = lam.numel()
     if n < 3:
         return _failed(f"only {n} eigenvalues above {EVALS_THRESH:g}; need at least 3")
@@ -87,9 +117,25 @@ def _fit_sorted(lam: torch.Tensor) -> PowerLawFit:
         return _failed("no candidate xmin gives a finite fit (eigenvalues all equal?)")
     i = int(torch.argmin(D))  # first minimum: the smallest xmin among ties
     alpha, n_tail = float(alphas[i]), n - i
+    spread = _alpha_spread(lam, alphas, D, i, round_off) if round_off > 0 else 0.0
     return PowerLawFit(alpha=alpha, xmin=float(lam[i]), D=float(D[i]),
                        num_pl_spikes=int((lam >= lam[i]).sum()),
-                       sigma=(alpha - 1) / math.sqrt(n_tail), raw_alpha=alpha)
+                       sigma=(alpha - 1) / math.sqrt(n_tail), raw_alpha=alpha,
+                       alpha_spread=spread)
+
+
+def _alpha_spread(lam: torch.Tensor, alphas: torch.Tensor, D: torch.Tensor, i: int,
+                  round_off: float) -> float:
+    """Largest |α_j - α_i| over candidates j that round-off could make the best:
+    D_j - D_i <= dD_j + dD_i with dD_j = round_off·(α_j - 1)·λ_max/λ_j. Candidates below
+    ROUND_OFF_FLOOR·round_off·λ_max (where eigenvalues are mostly round-off) are not
+    considered; a best xmin there gives an infinite spread."""
+    floor = ROUND_OFF_FLOOR * round_off * lam[-1]
+    if lam[i] < floor:
+        return math.inf
+    dD = round_off * (alphas - 1).clamp_min(0) * lam[-1] / lam[:-1]
+    near = torch.isfinite(D) & (lam[:-1] >= floor) & (D - D[i] <= dD + dD[i])
+    return float((alphas[near] - alphas[i]).abs().max())
 
 
 def _candidate_fits(lam: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,14 +151,14 @@ def _candidate_fits(lam: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, 
     denom = suffix[:-1] - n_tail * L[:-1]  # Σ_{j>=i} ln(λ_j/λ_i)
     alphas = torch.where(denom > 0, 1 + n_tail / denom, torch.full_like(denom, math.inf))
     D = torch.ones(n - 1, dtype=lam.dtype, device=lam.device)
-    j = torch.arange(n, device=lam.device)
     for a in range(0, n - 1, chunk):
         b = min(a + chunk, n - 1)
         i = cand[a:b, None]  # (c, 1)
-        diff = L[None, :] - L[a:b, None]  # (c, n): ln(λ_j / xmin)
+        j = torch.arange(a, n, device=lam.device)[None, :]  # only j >= a can be in a tail
+        diff = L[None, a:] - L[a:b, None]  # (c, n-a): ln(λ_j / xmin)
         theory = 1 - torch.exp((1 - alphas[a:b, None]) * diff)  # power-law CDF at λ_j
-        emp = (j[None, :] - i).to(lam.dtype) / n_tail[a:b, None]  # k / n_i, k = j - i
-        dist = torch.where(j[None, :] >= i, (theory - emp).abs(), torch.zeros_like(theory))
+        emp = (j - i).to(lam.dtype) / n_tail[a:b, None]  # k / n_i, k = j - i
+        dist = torch.where(j >= i, (theory - emp).abs(), torch.zeros_like(theory))
         D[a:b] = torch.where(alphas[a:b] > 1, dist.amax(dim=1), D[a:b])
     D = torch.where(torch.isfinite(alphas), D, torch.full_like(D, math.inf))
     return alphas, D
@@ -138,19 +184,20 @@ def _candidate_fits_small(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return alphas, D
 
 
-def _clip_xmax(lam: torch.Tensor, raw: PowerLawFit) -> PowerLawFit:
+def _clip_xmax(lam: torch.Tensor, raw: PowerLawFit, round_off: float) -> PowerLawFit:
     """fix_fingers='clip_xmax' (WeightWatcher's): refit without the top k = 2..9 eigenvalues; keep
     the first refit whose α is lower than the raw α by more than 1.0, and stop early once a
     refit reaches α <= 2. num_fingers is the number of eigenvalues clipped."""
     for k in range(CLIP_XMAX_FIRST, CLIP_XMAX_LAST + 1):
         if lam.numel() - k < 3:
             break
-        fit = _fit_sorted(lam[:-k])
+        fit = _fit_sorted(lam[:-k], round_off)
         if not fit.ok:
             break
         if fit.alpha + CLIP_XMAX_MIN_GAIN < raw.alpha:
             return PowerLawFit(fit.alpha, fit.xmin, fit.D, fit.num_pl_spikes, fit.sigma,
-                               num_fingers=k, raw_alpha=raw.alpha)
+                               num_fingers=k, raw_alpha=raw.alpha,
+                               alpha_spread=fit.alpha_spread)
         if fit.alpha <= 2.0:
             break
     return raw
@@ -164,7 +211,7 @@ def spectral_norms(evals: torch.Tensor) -> SpectralNorms:
     """Norm-based metrics of an ESD (eigenvalues of WᵀW, any order)."""
     lam = evals.to(torch.float64).clamp_min(0)
     total, lmax = float(lam.sum()), float(lam.max())
-    # numerical rank of the Gram matrix (what its eigenvalues can resolve), as numpy.matrix_rank
+    # numerical rank of the Gram matrix (what float64 eigenvalues can resolve)
     rank = int((lam > lmax * lam.numel() * torch.finfo(torch.float64).eps).sum())
     p = lam[lam > 0] / total
     ent = float(-(p * p.log()).sum() / math.log(rank)) if rank > 1 else 0.0
@@ -181,6 +228,12 @@ def entry_moments(W: torch.Tensor) -> tuple[float, float]:
     sq = sum(float(torch.linalg.vector_norm(c, dtype=torch.float64)) ** 2
              for c in W.reshape(-1).split(1 << 24))
     return mean, max(sq / n - mean * mean, 0.0)
+
+
+def float32_eig_err(lambda_max: float) -> float:
+    """Bound on the absolute round-off of float32 eigenvalues of a Gram matrix: 64 ulps of
+    λ_max (measured: at most 3.6e-6·λ_max, ~30 ulps, on 2880² gpt-oss-like experts)."""
+    return F32_ERR_ULPS * torch.finfo(torch.float32).eps * lambda_max
 
 
 def alpha_weighted(alpha: float, lambda_max: float) -> float:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from llm_audit.cli import main
 from llm_audit.journal import Journal
-from llm_audit.records import MatrixResult
+from llm_audit.records import TIMING_COLUMNS, MatrixResult
 
 N_MATRICES = 10
 
@@ -68,8 +68,8 @@ def test_kill_then_resume_computes_only_the_rest(ckpt, tmp_path):
 
     full = tmp_path / "full"
     assert main([str(ckpt), "--out", str(full), "--format", "csv", "-q"]) == 0
-    a = pd.read_csv(out / "layers.csv").drop(columns="seconds")
-    b = pd.read_csv(full / "layers.csv").drop(columns="seconds")
+    a = pd.read_csv(out / "layers.csv").drop(columns=list(TIMING_COLUMNS))
+    b = pd.read_csv(full / "layers.csv").drop(columns=list(TIMING_COLUMNS))
     pd.testing.assert_frame_equal(a, b)
     assert not (out / ".partial").exists()
 
