@@ -20,6 +20,7 @@ from .spectral import PowerLawFit
 WW_SMALL_M = 100  # WeightWatcher pools 5 shuffles when M < 100
 WW_SMALL_REPS = 5
 TW_TOP_K = 16
+DEVICE_PERM_NUMEL = 1 << 24
 RSVD_MIN_M = 1024  # below this, exact eigenvalues of the shuffled Gram matrix are cheaper
 
 
@@ -39,13 +40,22 @@ def shuffle(W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
     W: (rows, cols), or (B, rows, cols) where every matrix gets the same permutation (one
     uniformly random permutation per matrix, drawn once for the stack). The permutation is
-    drawn on the generator's device and moved to W's.
+    drawn with the (CPU) generator, so results do not depend on the device, except for
+    matrices of DEVICE_PERM_NUMEL entries or more on CUDA (embeddings, lm_head): their
+    permutation is drawn on the GPU, from a seed the generator gives (another random shuffle
+    than on CPU, same statistics; a CPU randperm of 579M entries takes ~15 s).
     """
     flat = W.reshape(*W.shape[:-2], -1)
     n = flat.shape[-1]
-    index = torch.int32 if n < 2**31 else torch.int64  # halves a 579M-entry perm
-    perm = torch.randperm(n, generator=generator, device=generator.device, dtype=index)
-    return flat.index_select(-1, perm.to(W.device)).reshape(W.shape)
+    if W.is_cuda and n >= DEVICE_PERM_NUMEL:
+        g = torch.Generator(W.device)
+        g.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        perm = torch.randperm(n, generator=g, device=W.device)
+    else:
+        index = torch.int32 if n < 2**31 else torch.int64  # halves a 579M-entry perm
+        perm = torch.randperm(n, generator=generator, device=generator.device, dtype=index)
+        perm = perm.to(W.device, torch.int64 if W.is_cuda else index)
+    return flat.index_select(-1, perm).reshape(W.shape)
 
 
 def correlation_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str,
@@ -105,10 +115,19 @@ def _traps_tw(W: torch.Tensor, generator: torch.Generator,
     N, M = max(W.shape[-2:]), min(W.shape[-2:])
     means = torch.tensor([m for m, _ in moments], dtype=W.dtype, device=W.device)
     S = shuffle(W, generator).sub_(means[:, None, None])  # (B, rows, cols), mean removed
+    edges = [mp.tw_edge(var, N, M) for _, var in moments]
+    first = None  # the whole stack's top-k in one batched sketch
+    if M >= RSVD_MIN_M:
+        first = rsvd.top_eigenvalues(S, TW_TOP_K, generator=list(generators),
+                                     dtype=dtype).double()
     out = []
-    for b, (_, var) in enumerate(moments):
-        edge, threshold = mp.tw_edge(var, N, M)
-        top = _top_above(S[b], threshold, generators[b], dtype)
+    for b, (edge, threshold) in enumerate(edges):
+        if first is None:
+            top = _top_above(S[b], threshold, generators[b], dtype)
+        elif float(first[b, -1]) > threshold:  # more than TW_TOP_K traps: sketch wider
+            top = _top_above(S[b], threshold, generators[b], dtype, k=2 * TW_TOP_K)
+        else:
+            top = first[b]
         if dtype != torch.float64 and _near(top, threshold, _eig_err(top)):
             top = _top_above(S[b], threshold, generators[b], torch.float64)
         traps = tuple(float(v) for v in top if float(v) > threshold)
@@ -119,13 +138,12 @@ def _traps_tw(W: torch.Tensor, generator: torch.Generator,
 
 
 def _top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,
-               dtype: torch.dtype) -> torch.Tensor:
+               dtype: torch.dtype, k: int = TW_TOP_K) -> torch.Tensor:
     """Descending top eigenvalues of SᵀS, enough of them to include one at or below
-    `threshold` (or all M)."""
+    `threshold` (or all M), starting from the top k."""
     M = min(S.shape)
     if M < RSVD_MIN_M:
         return torch.flip(spectral.esd(S, dtype=dtype), [0]).double()
-    k = TW_TOP_K
     while True:
         top = rsvd.top_eigenvalues(S, k, generator=generator, dtype=dtype).double()
         if float(top[-1]) <= threshold or k >= M:

@@ -7,13 +7,16 @@ top of a shuffled matrix's spectrum for trap counts. Works on one matrix (rows, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 OVERSAMPLE = 8
 ITERS = 6
 
 
-def top_singular_values(W: torch.Tensor, k: int, *, generator: torch.Generator,
+def top_singular_values(W: torch.Tensor, k: int, *,
+                        generator: torch.Generator | Sequence[torch.Generator],
                         oversample: int = OVERSAMPLE, iters: int = ITERS,
                         dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The k largest singular values of W (..., rows, cols), descending: (..., k).
@@ -22,7 +25,9 @@ def top_singular_values(W: torch.Tensor, k: int, *, generator: torch.Generator,
     re-orthogonalised twice against all earlier ones (safe in float32). With the same matrix
     products, Krylov reaches a given accuracy on the top of a gap-free spectrum (the MP edge of
     a shuffled matrix) in about the square root of the iterations subspace iteration needs.
-    Work happens on W's device in `dtype`; Ω is drawn on the generator's device.
+    Work happens on W's device in `dtype`. Ω is drawn in float64 on the generator's device
+    (the same Ω in any dtype); with a sequence of generators, one per matrix of the batch, each
+    matrix's Ω comes from its own, so a matrix gets the same answer alone or in a batch.
     """
     A = W.to(dtype)
     if A.shape[-2] < A.shape[-1]:
@@ -32,8 +37,7 @@ def top_singular_values(W: torch.Tensor, k: int, *, generator: torch.Generator,
     b = k + oversample
     if b * (iters + 1) >= m // 2:  # the basis is as big as the problem: exact is cheaper
         return torch.linalg.svdvals(A)[..., :k]
-    omega = torch.randn(*A.shape[:-2], m, b, generator=generator, dtype=torch.float64,
-                        device=generator.device).to(A.device, dtype)  # same Ω in any dtype
+    omega = _sketch(A.shape[:-2], m, b, generator).to(A.device, dtype)  # (..., m, b)
     blocks = [torch.linalg.qr(A @ omega).Q]  # (..., n, b)
     for _ in range(iters):
         Z = A @ (A.mT @ blocks[-1])  # (..., n, b)
@@ -45,7 +49,19 @@ def top_singular_values(W: torch.Tensor, k: int, *, generator: torch.Generator,
     return torch.linalg.svdvals(K.mT @ A)[..., :k]
 
 
-def top_eigenvalues(W: torch.Tensor, k: int, *, generator: torch.Generator,
+def _sketch(batch: torch.Size, m: int, b: int,
+            generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+    if isinstance(generator, torch.Generator):
+        return torch.randn(*batch, m, b, generator=generator, dtype=torch.float64,
+                           device=generator.device)
+    if len(batch) != 1 or batch[0] != len(generator):
+        raise ValueError(f"{len(generator)} generators for a batch of shape {tuple(batch)}")
+    return torch.stack([torch.randn(m, b, generator=g, dtype=torch.float64, device=g.device)
+                        for g in generator])
+
+
+def top_eigenvalues(W: torch.Tensor, k: int, *,
+                    generator: torch.Generator | Sequence[torch.Generator],
                     **kwargs) -> torch.Tensor:
     """The k largest eigenvalues of WᵀW (= squared singular values), descending."""
     return top_singular_values(W, k, generator=generator, **kwargs) ** 2
