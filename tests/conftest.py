@@ -22,3 +22,13 @@ def write_safetensors_raw(path: Path, header: dict, data: bytes) -> Path:
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped where no CUDA device is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

@@ -24,3 +24,27 @@ def synth_matrices() -> dict[str, np.ndarray]:
     t["k.rank12_40x40.weight"] = (rng.standard_normal((40, 12))
                                   @ rng.standard_normal((12, 40))).astype(np.float32)
     return t
+
+
+def heavy_tailed_stack(B: int, rows: int, cols: int, seed: int = 0, *,
+                       entries: tuple[int, ...] | None = None):
+    """A float32 torch stack (B, rows, cols) of heavy-tailed matrices: Gaussian / sqrt(rows)
+    plus a power-law spectrum (singular values 3·i^-0.6), and in matrix b `entries[b]` (default
+    b + 1) planted large entries 2.5, 3.0, ... (correlation traps)."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    M = min(rows, cols)
+    s = 3.0 * torch.arange(1, M + 1, dtype=torch.float64) ** -0.6
+    out = []
+    for b in range(B):
+        W = torch.randn(rows, cols, generator=g, dtype=torch.float64) / math.sqrt(rows)
+        U, _ = torch.linalg.qr(torch.randn(rows, M, generator=g, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(cols, M, generator=g, dtype=torch.float64))
+        W += U @ torch.diag(s) @ V.T
+        for k in range(b + 1 if entries is None else entries[b]):
+            W[(7 * k + b) % rows, (11 * k + 3) % cols] = 2.5 + 0.5 * k
+        out.append(W)
+    return torch.stack(out).float()

@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from llm_audit.detect import correlation_traps, js_distance, shuffle
+from llm_audit import detect
+from llm_audit.detect import correlation_traps, js_distance, shuffle, stack_traps
 from llm_audit.mp import tw_edge
 from llm_audit.rsvd import top_singular_values
-from llm_audit.spectral import esd
+from llm_audit.spectral import entry_moments, esd
 
 
 def test_shuffle_is_a_permutation_and_seeded(gen):
@@ -82,3 +83,91 @@ def test_tw_rule_randomized_path_counts_planted_entries(gen):
     r = correlation_traps(W, esd(W), rule="tw", generator=gen)
     assert r.num_traps == 3
     assert r.trap_evals[0] == pytest.approx(900.0, rel=0.05)
+
+
+# -- stacks: one shuffle permutation for every matrix, per-matrix sketches ----------------------
+
+def test_shuffle_of_a_stack_applies_one_permutation_to_every_matrix():
+    W = torch.arange(20.0).reshape(1, 4, 5) + 100.0 * torch.arange(3.0).reshape(3, 1, 1)
+    S = shuffle(W, torch.Generator().manual_seed(5))
+    assert S.shape == (3, 4, 5) and S.dtype == W.dtype
+    assert sorted(S[0].reshape(-1).tolist()) == list(range(20))  # values kept
+    assert not torch.equal(S[0], W[0])  # and moved
+    for b in (1, 2):
+        assert torch.equal(S[b] - 100.0 * b, S[0])  # the same permutation for each matrix
+    assert torch.equal(S, shuffle(W, torch.Generator().manual_seed(5)))  # seeded
+    # a matrix shuffled alone with the same generator gets the permutation it gets in a stack
+    assert torch.equal(shuffle(W[2], torch.Generator().manual_seed(5)), S[2])
+    assert not torch.equal(S, shuffle(W, torch.Generator().manual_seed(6)))
+
+
+def _planted_stack(gen, B, rows, cols, entries):
+    """B Gaussian matrices (scale 0.05) with entries[b] huge planted entries in matrix b."""
+    W = torch.randn(B, rows, cols, generator=gen) * 0.05
+    for b, n in enumerate(entries):
+        for k in range(n):
+            W[b, (37 * k + 11 * b) % rows, (53 * k + 5) % cols] = 20.0 + k
+    return W
+
+
+def _same_traps(a, b, rel=1e-12):
+    assert a.num_traps == b.num_traps and len(a.trap_evals) == len(b.trap_evals)
+    for x, y in [(a.max_rand_eval, b.max_rand_eval), (a.threshold, b.threshold),
+                 (a.bulk_max, b.bulk_max), *zip(a.trap_evals, b.trap_evals, strict=True)]:
+        assert x == pytest.approx(y, rel=rel)
+    for x, y in [(a.sigma_mp, b.sigma_mp), (a.distance, b.distance)]:
+        assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["ww", "tw"])
+@pytest.mark.parametrize("cols", [60, 150])  # ww pools 5 shuffles below M = 100
+def test_stack_traps_equal_each_matrix_alone(gen, rule, cols):
+    W = _planted_stack(gen, 3, 200, cols, entries=(0, 2, 3))
+    evals = esd(W)
+    stack = stack_traps(W, evals, rule=rule, generator=torch.Generator().manual_seed(3),
+                        generators=[torch.Generator().manual_seed(b) for b in range(3)],
+                        moments=[entry_moments(W[b]) for b in range(3)])
+    reps = detect.WW_SMALL_REPS if rule == "ww" and cols < detect.WW_SMALL_M else 1
+    assert [t.num_traps for t in stack] == [0, 2 * reps, 3 * reps]  # pooled shuffles count each
+    for b in range(3):
+        alone = correlation_traps(W[b], evals[b], rule=rule,
+                                  generator=torch.Generator().manual_seed(3))
+        _same_traps(stack[b], alone)
+
+
+def test_stack_traps_rejects_unknown_rule(gen):
+    W = torch.randn(1, 20, 10, generator=gen)
+    with pytest.raises(ValueError) as e:
+        stack_traps(W, esd(W), rule="xx", generator=gen, generators=[gen], moments=[(0.0, 1.0)])
+    assert str(e.value) == "unknown trap rule 'xx'"
+
+
+@pytest.mark.parametrize("rule", ["ww", "tw"])
+def test_float32_trap_counts_equal_float64(gen, rule):
+    W = _planted_stack(gen, 1, 600, 300, entries=(3,))[0]
+    r64 = correlation_traps(W, esd(W), rule=rule, generator=torch.Generator().manual_seed(1))
+    r32 = correlation_traps(W, esd(W), rule=rule, generator=torch.Generator().manual_seed(1),
+                            dtype=torch.float32)
+    assert r32.num_traps == r64.num_traps == 3
+    assert list(r32.trap_evals) == pytest.approx(list(r64.trap_evals), rel=1e-5)
+
+
+def test_tw_batched_sketch_per_matrix_generators_and_more_than_top_k_traps(gen, monkeypatch):
+    # the randomized path on small matrices: one batched sketch, Ω of matrix b from generators[b]
+    monkeypatch.setattr(detect, "RSVD_MIN_M", 256)
+    n_traps = (3, detect.TW_TOP_K + 4, 0)  # the second needs a second, wider sketch
+    W = _planted_stack(gen, 3, 500, 400, entries=n_traps)
+    evals = esd(W)
+
+    def run(idx):
+        return stack_traps(W[idx], evals[idx], rule="tw",
+                           generator=torch.Generator().manual_seed(3),
+                           generators=[torch.Generator().manual_seed(100 + b) for b in idx],
+                           moments=[entry_moments(W[b]) for b in idx])
+
+    stack = run([0, 1, 2])
+    assert [t.num_traps for t in stack] == list(n_traps)
+    assert stack[1].trap_evals[0] == pytest.approx((20.0 + n_traps[1] - 1) ** 2, rel=0.05)
+    assert stack[2].max_rand_eval < stack[2].threshold  # the bulk edge: depends on Ω
+    for b in range(3):
+        _same_traps(stack[b], run([b])[0], rel=1e-9)

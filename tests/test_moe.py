@@ -263,6 +263,7 @@ def test_owner_names_and_quant_method():
     assert quant_method({}) is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_audit_on_cuda_matches_cpu(gpt_oss):
     folder, _, _ = gpt_oss

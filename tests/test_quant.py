@@ -169,6 +169,7 @@ def test_fp4_table_matches_the_spec():
     assert quant.FP4_VALUES == tuple(FP4.tolist())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decoders_stay_on_cuda(gen):
     dev = torch.device("cuda")

@@ -1,0 +1,100 @@
+"""Block-Krylov top singular values (rsvd.py): planted spikes to 1e-8 in float64 and 1e-4 in
+float32, batches with one generator or one generator per matrix, Ω drawn in float64."""
+
+import math
+
+import pytest
+import torch
+
+from llm_audit import rsvd
+from llm_audit.rsvd import top_eigenvalues, top_singular_values
+
+SPIKES = (5.0, 4.0, 3.0)
+
+
+def spiked(seed: int, rows: int = 400, cols: int = 300) -> torch.Tensor:
+    """Gaussian / sqrt(rows) (top singular value ~1.87) plus rank-3 spikes of singular value
+    strength 5, 4, 3: the top three singular values are well separated from the bulk."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64) / math.sqrt(rows)
+    U, _ = torch.linalg.qr(torch.randn(rows, 3, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(cols, 3, generator=g, dtype=torch.float64))
+    return W + U @ torch.diag(torch.tensor(SPIKES, dtype=torch.float64)) @ V.T
+
+
+def test_krylov_path_is_taken_for_these_sizes():
+    # b·(iters+1) < m//2, else top_singular_values returns exact svdvals and tests nothing
+    assert (3 + rsvd.OVERSAMPLE) * (rsvd.ITERS + 1) < 300 // 2
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_planted_spikes_float64(wide):
+    W = spiked(0)
+    W = W.T.contiguous() if wide else W
+    exact = torch.linalg.svdvals(W)[:3]
+    got = top_singular_values(W, 3, generator=torch.Generator().manual_seed(1))
+    assert got.shape == (3,) and got.dtype == torch.float64
+    assert torch.allclose(got, exact, rtol=1e-8, atol=0)
+    assert bool((got[:-1] > got[1:]).all())  # descending
+    # the spikes where random-matrix theory puts them: sqrt((1+θ²)(c+θ²))/θ, c = 300/400
+    c = 0.75
+    assert got.tolist() == pytest.approx([math.sqrt((1 + t * t) * (c + t * t)) / t
+                                          for t in SPIKES], rel=0.03)
+
+
+def test_planted_spikes_float32_within_1e_4():
+    W = spiked(0)
+    exact = torch.linalg.svdvals(W)[:3]
+    got = top_singular_values(W.float(), 3, generator=torch.Generator().manual_seed(1),
+                              dtype=torch.float32)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), exact, rtol=1e-4, atol=0)
+
+
+def test_omega_is_drawn_in_float64_whatever_the_dtype():
+    # the same Ω in any dtype: both precisions consume exactly the generator's float64 draws
+    W = spiked(0)
+    g64, g32 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    a = top_singular_values(W, 3, generator=g64)
+    b = top_singular_values(W.float(), 3, generator=g32, dtype=torch.float32)
+    assert torch.equal(g64.get_state(), g32.get_state())
+    ref = torch.Generator().manual_seed(9)
+    torch.randn(300, 3 + rsvd.OVERSAMPLE, generator=ref, dtype=torch.float64)
+    assert torch.equal(ref.get_state(), g64.get_state())  # one (m, k + oversample) float64 Ω
+    assert torch.allclose(a, b.double(), rtol=1e-4, atol=0)
+
+
+def test_batch_with_one_generator_is_seeded_and_exact():
+    W = torch.stack([spiked(s) for s in range(3)])  # (3, 400, 300)
+    got = top_singular_values(W, 3, generator=torch.Generator().manual_seed(4))
+    assert got.shape == (3, 3)
+    again = top_singular_values(W, 3, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(got, again)
+    assert torch.allclose(got, torch.linalg.svdvals(W)[:, :3], rtol=1e-8, atol=0)
+
+
+def test_batch_with_a_generator_per_matrix_equals_each_alone():
+    W = torch.stack([spiked(s) for s in range(3)])
+    # k = 8 reaches into the bulk, where the answer depends on Ω: only the same Ω agrees
+    batch = top_singular_values(W, 8, generator=[torch.Generator().manual_seed(10 + b)
+                                                 for b in range(3)])
+    for b in range(3):
+        alone = top_singular_values(W[b], 8, generator=torch.Generator().manual_seed(10 + b))
+        assert torch.allclose(batch[b], alone, rtol=1e-12, atol=0)
+    other = top_singular_values(W[1], 8, generator=torch.Generator().manual_seed(10))
+    assert not torch.allclose(batch[1], other, rtol=1e-12, atol=0)  # another Ω: another bulk
+
+
+def test_generator_count_must_match_the_batch():
+    W = torch.stack([spiked(s) for s in range(3)])
+    with pytest.raises(ValueError) as e:
+        top_singular_values(W, 3, generator=[torch.Generator(), torch.Generator()])
+    assert str(e.value) == "2 generators for a batch of shape (3,)"
+
+
+def test_small_problem_is_exact_and_eigenvalues_are_squares(gen):
+    W = torch.randn(60, 40, generator=gen, dtype=torch.float64)  # b·(iters+1) >= m//2: exact
+    exact = torch.linalg.svdvals(W)[:5]
+    assert torch.allclose(top_singular_values(W, 5, generator=gen), exact, rtol=1e-12)
+    assert torch.allclose(top_eigenvalues(W, 5, generator=gen), exact**2, rtol=1e-12)
+    assert top_singular_values(W, 100, generator=gen).shape == (40,)  # k capped at min(shape)
