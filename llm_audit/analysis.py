@@ -88,7 +88,8 @@ def _analyse_checked(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOption
         if len(metas) > 1:
             return [_analyse_checked(W[b:b + 1], [m], opts, key)[0] for b, m in enumerate(metas)]
         log.warning("matrix %s failed: %s", metas[0].name, e)
-        return [_failed(W[0], metas[0], f"failed: {type(e).__name__}: {e}"[:300], math.nan)]
+        kind = type(e).__name__.lstrip("_")  # torch's LinAlgError is named _LinAlgError
+        return [_failed(W[0], metas[0], f"failed: {kind}: {e}"[:300], math.nan)]
 
 
 def _analyse_batch(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOptions,
@@ -97,28 +98,41 @@ def _analyse_batch(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOptions,
     dtype = opts.eig_dtype()
     evals = spectral.esd(W, dtype=dtype).double()  # (B, M)
     t_eig = clock.lap()
-    fields, precisions = [], []
+    fields = []
     for b in range(B):
         ev, out = _spectral_fields(W[b], evals[b], opts, metas[b].name)
         evals[b] = ev
         fields.append(out)
-        precisions.append(out["precision"])
     t_fit = clock.lap()
     if opts.randomize:
-        prec = torch.float64 if all(p == "float64" for p in precisions) else dtype
-        traps = detect.stack_traps(
-            W, evals, rule=opts.trap_rule, generator=matrix_generator(opts.seed, key),
-            generators=[matrix_generator(opts.seed, m.name) for m in metas],
-            moments=[(f["entry_mean"], f["entry_var"]) for f in fields], dtype=prec)
-        for f, tr in zip(fields, traps, strict=True):
-            f.update(rand_num_spikes=tr.num_traps, max_rand_eval=tr.max_rand_eval,
-                     rand_bulk_max=tr.bulk_max, rand_sigma_mp=tr.sigma_mp,
-                     rand_distance=tr.distance, trap_threshold=tr.threshold)
+        _add_traps(W, evals, metas, fields, opts, key)
     t_trap = clock.lap()
     cost = dict(eigen_seconds=t_eig / B, fit_seconds=t_fit / B, trap_seconds=t_trap / B,
                 seconds=(t_eig + t_fit + t_trap) / B)
     return [MatrixResult(**_base(W[b], m), **_without(fields[b], "entry_var"), **cost)
             for b, m in enumerate(metas)]
+
+
+def _add_traps(W: torch.Tensor, evals: torch.Tensor, metas: list[MatrixMeta],
+               fields: list[dict], opts: AuditOptions, key: str) -> None:
+    """Traps of a stack, each matrix in its own eigen precision: the members redone in float64
+    form their own sub-stack (same shared permutation, drawn again from `key`), so a matrix's
+    result does not depend on its stack-mates."""
+    for prec in ("float32", "float64"):
+        idx = [b for b, f in enumerate(fields) if f["precision"] == prec]
+        if not idx:
+            continue
+        whole = len(idx) == len(fields)
+        traps = detect.stack_traps(
+            W if whole else W[idx], evals if whole else evals[idx], rule=opts.trap_rule,
+            generator=matrix_generator(opts.seed, key),
+            generators=[matrix_generator(opts.seed, metas[b].name) for b in idx],
+            moments=[(fields[b]["entry_mean"], fields[b]["entry_var"]) for b in idx],
+            dtype=getattr(torch, prec))
+        for b, tr in zip(idx, traps, strict=True):
+            fields[b].update(rand_num_spikes=tr.num_traps, max_rand_eval=tr.max_rand_eval,
+                             rand_bulk_max=tr.bulk_max, rand_sigma_mp=tr.sigma_mp,
+                             rand_distance=tr.distance, trap_threshold=tr.threshold)
 
 
 def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,

@@ -2,7 +2,7 @@
 
 The paper's early-stopping criterion (Prakash & Martin 2026) as a function you can call from a
 training loop: no files, no data. Give it a ``torch.nn.Module`` or a state dict; every 2-D
-weight matrix goes through ``analysis.analyse_matrix`` (float64 eigenvalues, correlation traps
+weight matrix goes through ``analysis.analyse_matrix`` (eigenvalues at the options' precision, traps
 with a generator seeded from (seed, tensor name)). The alert fires when any matrix has a
 correlation trap, or when the mean α falls below ``alpha_floor``.
 

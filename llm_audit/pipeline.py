@@ -120,11 +120,14 @@ def iter_audit(jobs: list[MatrixJob], opts: AuditOptions, progress: Observer | N
     done_bytes = 0
     with contextlib.ExitStack() as stack:
         computed = stack.enter_context(contextlib.closing(analysed(todo, device, opts)))
+        ready: dict[int, tuple[MatrixResult, ...]] = {}
         for i, (job, key, rows) in enumerate(zip(jobs, keys, cached, strict=True)):
             hit = rows is not None
             if not hit:
-                got, rows = next(computed)
-                assert got is job, (got.name, job.name)
+                while id(job) not in ready:  # `analysed` groups experts: it may run ahead
+                    got, got_rows = next(computed)
+                    ready[id(got)] = got_rows
+                rows = ready.pop(id(job))
                 if journal is not None:
                     journal.record(key, rows)
             done_bytes += job.nbytes
@@ -135,8 +138,10 @@ def iter_audit(jobs: list[MatrixJob], opts: AuditOptions, progress: Observer | N
 
 def analysed(jobs: list[MatrixJob], device: torch.device,
              opts: AuditOptions) -> Iterator[tuple[MatrixJob, tuple[MatrixResult, ...]]]:
-    """(job, its result rows) for each job in order: decoded ahead in a background thread,
-    experts of one tensor analysed in batches of up to BATCH_BYTES of float32 matrices."""
+    """(job, its result rows) for each job: decoded ahead in a background thread, experts of
+    one tensor (or of one per-expert tensor pattern) moved next to each other and analysed in
+    batches of up to BATCH_BYTES of float32 matrices. Otherwise in the jobs' order."""
+    jobs = _grouped(jobs)
     limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])
     per_job = max((4 * math.prod(j.matrix_shape) for j in jobs), default=1)
     with prefetch(jobs, device, depth=max(1, limit // per_job)) as decoded:
@@ -149,6 +154,15 @@ def analysed(jobs: list[MatrixJob], device: torch.device,
                 batch = []
             batch.append(d)
         yield from _analyse_jobs(batch, opts)
+
+
+def _grouped(jobs: list[MatrixJob]) -> list[MatrixJob]:
+    """The jobs with each stack key moved up to the first of them (Mixtral stores expert 0's
+    w1, w2, w3, then expert 1's, ...); everything else keeps its order."""
+    first: dict[str, int] = {}
+    pos = [i if (k := _stack_key(j)) is None else first.setdefault(k, i)
+           for i, j in enumerate(jobs)]
+    return [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (pos[i], i))]
 
 
 def _stack_key(job: MatrixJob) -> str | None:

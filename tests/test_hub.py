@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 
-import httpx2
 import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -130,6 +129,7 @@ def test_parse_hub_id():
 
 
 def _http(status):
+    httpx2 = pytest.importorskip("httpx2")  # huggingface_hub 2.x's HTTP client
     return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/x"))
 
 
