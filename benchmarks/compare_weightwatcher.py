@@ -54,11 +54,11 @@ def compare_columns(ours: pd.DataFrame, ww: pd.DataFrame) -> list[str]:
     return lines
 
 
-def compare_traps(model: Path, ww: pd.DataFrame, seeds: int) -> list[str]:
+def compare_traps(model: Path, ww: pd.DataFrame, seeds: int, precision: str) -> list[str]:
     counts = {}
     for seed in range(seeds):
-        d = llm_audit.audit(model, seed=seed).details.set_index("name").loc[ww.index]
-        counts[seed] = d
+        d = llm_audit.audit(model, seed=seed, precision=precision).details
+        counts[seed] = d.set_index("name").loc[ww.index]
     table = pd.DataFrame({f"seed{s}": d["rand_num_spikes"] for s, d in counts.items()})
     table.insert(0, "ww", ww["rand_num_spikes"])
     equal_seed0 = int((table["ww"] == table["seed0"]).sum())
@@ -85,19 +85,23 @@ def main() -> None:
     ap.add_argument("--ww-python", default=os.environ.get("WW_PYTHON", "/work/wwvenv/bin/python"))
     ap.add_argument("--ww-csv", type=Path, help="reuse a WW reference CSV instead of running WW")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--precision", default="auto", choices=["auto", "float32", "float64"],
+                    help="llm-audit's eigenvalue precision (float64 reproduces WW's digits)")
     args = ap.parse_args()
     model = minilm_dir() / "model.safetensors"
     with tempfile.TemporaryDirectory() as tmp:
         ww = (pd.read_csv(args.ww_csv) if args.ww_csv
               else run_ww(model, args.ww_python, Path(tmp) / "ww.csv"))
     ww = ww.set_index("name")
-    ours = llm_audit.audit(model).details.set_index("name")
+    ours = llm_audit.audit(model, precision=args.precision).details.set_index("name")
     only_ours = sorted(set(ours.index) - set(ww.index))
+    print(f"llm-audit precision {args.precision}: "
+          f"{int((ours['precision'] == 'float64').sum())} of {len(ours)} matrices in float64")
     print(f"model: {model}\nmatrices: WW {len(ww)}, llm-audit {len(ours)} "
           f"(only llm-audit: {only_ours or 'none'}; WW skips M < 8)")
     ours = ours.loc[ww.index]
     print("\n".join(compare_columns(ours, ww)))
-    print("\n".join(compare_traps(model, ww, args.seeds)))
+    print("\n".join(compare_traps(model, ww, args.seeds, args.precision)))
 
 
 if __name__ == "__main__":
