@@ -194,11 +194,11 @@ def _check_analysable(W: torch.Tensor) -> None:
     if min(W.shape) < MIN_EVALS:
         raise SpectralError(f"only {min(W.shape)} eigenvalues (shape {list(W.shape)}); a spectral "
                             f"analysis needs at least {MIN_EVALS}")
-    finite = torch.isfinite(W)
-    if not bool(finite.all()):
+    lo, hi = (float(x) for x in torch.aminmax(W))  # one pass: NaN propagates, Inf shows
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         n_nan, n_inf = int(torch.isnan(W).sum()), int(torch.isinf(W).sum())
         raise SpectralError(f"non-finite entries ({n_nan} NaN, {n_inf} Inf)")
-    if not bool((W != 0).any()):
+    if lo == 0 and hi == 0:
         raise SpectralError("all entries are zero")
 
 
@@ -207,8 +207,9 @@ def _confounds(W: torch.Tensor) -> dict:
     n = W.numel()
     mean, var = spectral.entry_moments(W)
     std = math.sqrt(var * n / max(n - 1, 1))  # unbiased, as torch.std
+    lo, hi = (float(x) for x in torch.aminmax(W))
     return dict(entry_mean=mean, entry_std=std, entry_var=var, mean_spike=mean * mean * n,
-                max_abs_w_over_std=float(W.abs().max()) / std if std > 0 else math.inf)
+                max_abs_w_over_std=max(-lo, hi) / std if std > 0 else math.inf)
 
 
 def _base(W: torch.Tensor, meta: MatrixMeta) -> dict:

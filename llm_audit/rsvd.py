@@ -17,14 +17,23 @@ ITERS = 6
 
 def top_singular_values(W: torch.Tensor, k: int, *,
                         generator: torch.Generator | Sequence[torch.Generator],
-                        oversample: int = OVERSAMPLE, iters: int = ITERS,
-                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The k largest singular values of W (..., rows, cols), descending: (..., k).
+                        **kwargs) -> torch.Tensor:
+    """The k largest singular values of W (..., rows, cols), descending: (..., k)."""
+    return top_eigenvalues(W, k, generator=generator, **kwargs).clamp_min(0).sqrt()
 
-    Block Krylov: the Ritz values of W on span{WΩ, (WWᵀ)WΩ, ..., (WWᵀ)^iters WΩ}, each block
-    re-orthogonalised twice against all earlier ones (safe in float32). With the same matrix
-    products, Krylov reaches a given accuracy on the top of a gap-free spectrum (the MP edge of
-    a shuffled matrix) in about the square root of the iterations subspace iteration needs.
+
+def top_eigenvalues(W: torch.Tensor, k: int, *,
+                    generator: torch.Generator | Sequence[torch.Generator],
+                    oversample: int = OVERSAMPLE, iters: int = ITERS,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The k largest eigenvalues of WᵀW (= squared singular values of W (..., rows, cols)),
+    descending: (..., k).
+
+    Block Krylov: the Ritz values of WᵀW on span{WΩ, (WWᵀ)WΩ, ..., (WWᵀ)^iters WΩ}, each block
+    re-orthogonalised twice against all earlier ones (safe in float32), read off as the
+    eigenvalues of the small matrix (KᵀW)(KᵀW)ᵀ. With the same matrix products, Krylov reaches
+    a given accuracy on the top of a gap-free spectrum (the MP edge of a shuffled matrix) in
+    about the square root of the iterations subspace iteration needs.
     Work happens on W's device in `dtype`. Ω is drawn in float64 on the generator's device
     (the same Ω in any dtype); with a sequence of generators, one per matrix of the batch, each
     matrix's Ω comes from its own, so a matrix gets the same answer alone or in a batch.
@@ -32,21 +41,22 @@ def top_singular_values(W: torch.Tensor, k: int, *,
     A = W.to(dtype)
     if A.shape[-2] < A.shape[-1]:
         A = A.mT  # (..., n, m) with n >= m: iterate in the small dimension
-    m = A.shape[-1]
+    n, m = A.shape[-2:]
     k = min(k, m)
     b = k + oversample
     if b * (iters + 1) >= m // 2:  # the basis is as big as the problem: exact is cheaper
-        return torch.linalg.svdvals(A)[..., :k]
+        return torch.linalg.svdvals(A)[..., :k] ** 2
     omega = _sketch(A.shape[:-2], m, b, generator).to(A.device, dtype)  # (..., m, b)
-    blocks = [torch.linalg.qr(A @ omega).Q]  # (..., n, b)
-    for _ in range(iters):
-        Z = A @ (A.mT @ blocks[-1])  # (..., n, b)
+    K = torch.empty(*A.shape[:-2], n, b * (iters + 1), dtype=dtype, device=A.device)
+    K[..., :b] = torch.linalg.qr(A @ omega).Q  # (..., n, b) blocks of the Krylov basis
+    for j in range(1, iters + 1):
+        Z = A @ (A.mT @ K[..., (j - 1) * b:j * b])  # (..., n, b)
+        done = K[..., :j * b]
         for _ in range(2):
-            for P in blocks:
-                Z = Z - P @ (P.mT @ Z)
-        blocks.append(torch.linalg.qr(Z).Q)
-    K = torch.cat(blocks, dim=-1)  # (..., n, b·(iters+1))
-    return torch.linalg.svdvals(K.mT @ A)[..., :k]
+            Z = Z - done @ (done.mT @ Z)
+        K[..., j * b:(j + 1) * b] = torch.linalg.qr(Z).Q
+    B = K.mT @ A  # (..., b·(iters+1), m)
+    return torch.linalg.eigvalsh(B @ B.mT).flip(-1)[..., :k]
 
 
 def _sketch(batch: torch.Size, m: int, b: int,
@@ -58,10 +68,3 @@ def _sketch(batch: torch.Size, m: int, b: int,
         raise ValueError(f"{len(generator)} generators for a batch of shape {tuple(batch)}")
     return torch.stack([torch.randn(m, b, generator=g, dtype=torch.float64, device=g.device)
                         for g in generator])
-
-
-def top_eigenvalues(W: torch.Tensor, k: int, *,
-                    generator: torch.Generator | Sequence[torch.Generator],
-                    **kwargs) -> torch.Tensor:
-    """The k largest eigenvalues of WᵀW (= squared singular values), descending."""
-    return top_singular_values(W, k, generator=generator, **kwargs) ** 2
