@@ -29,13 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(folder: str, randomize: bool) -> None:
     """Audit `folder` and print {peak_rss_mb, matrices, seconds} as JSON on the last line."""
     import llm_audit
+    import llm_audit.pipeline  # noqa: F401  (llm_audit's exports are lazy: load torch, pandas)
 
     t0 = time.perf_counter()
     n = 0
     if folder != "-":  # "-": import only (the baseline)
         res = llm_audit.audit(folder, device="cpu", randomize=randomize)
         n = len(res.details)
-        assert (res.details["status"] == "ok").all(), res.details[["name", "warning"]]
+        d = res.details  # routers of < 8 experts are too small to analyse: failed rows
+        bad = d[(d["status"] != "ok") & ~d["warning"].str.contains("eigenvalues")]
+        assert bad.empty, bad[["name", "warning"]]
     print(json.dumps({"peak_rss_mb": vm_hwm_mb(), "matrices": n,
                       "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "seconds": time.perf_counter() - t0}))
