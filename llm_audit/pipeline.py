@@ -143,8 +143,9 @@ def analysed(jobs: list[MatrixJob], device: torch.device,
     batches of up to BATCH_BYTES of float32 matrices. Otherwise in the jobs' order."""
     jobs = _grouped(jobs)
     limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])
-    per_job = max((4 * math.prod(j.matrix_shape) for j in jobs), default=1)
-    with prefetch(jobs, device, depth=max(1, limit // per_job)) as decoded:
+    sizes = sorted(4 * math.prod(j.matrix_shape) for j in jobs) or [1]
+    typical = sizes[len(sizes) // 2]  # not the largest: one embedding must not stop prefetching
+    with prefetch(jobs, device, depth=max(1, limit // typical)) as decoded:
         batch: list[DecodedJob] = []
         for d in decoded:
             key = _stack_key(d.job)
