@@ -72,6 +72,13 @@ def test_write_reports(demo, tmp_path):
     assert s["model"] == "llm-audit-demo" and s["versions"]["torch"] == torch.__version__
     md = (tmp_path / "report.md").read_text()
     assert "llm-audit-demo" in md.splitlines()[0] and "## Flagged matrices" in md
+    n64 = int((r.details["precision"] == "float64").sum())
+    assert s["matrices_in_float64"] == n64 and s["options"]["precision"] == "auto"
+    assert f"| eigenvalue precision | auto ({n64} of 4 matrices in float64) |" in md
+    st = s["stage_seconds"]
+    assert (f"| elapsed | {s['elapsed_seconds']:.1f} s (eigenvalues {st['eigen']:.1f} s, fit "
+            f"{st['fit']:.1f} s, traps {st['traps']:.1f} s; waited {st['wait']:.1f} s for data) |"
+            in md)
 
 
 def run_cli(*args):

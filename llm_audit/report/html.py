@@ -55,9 +55,27 @@ def summary_items(s: dict) -> list[tuple[str, str]]:
     opts = s.get("options") or {}
     if "trap_rule" in opts:
         items.append(("trap rule", opts["trap_rule"]))
+    if "precision" in opts:
+        items.append(("eigenvalue precision", precision_text(s)))
     if "elapsed_seconds" in s:
-        items.append(("elapsed", f"{s['elapsed_seconds']:.1f} s"))
+        items.append(("elapsed", elapsed_text(s)))
     return [(k, "—" if v is None else str(v)) for k, v in items]
+
+
+def precision_text(s: dict) -> str:
+    """'auto (3 of 40 matrices in float64)'."""
+    n = s.get("matrices_in_float64")
+    tail = f" ({n} of {s.get('matrices_analysed')} matrices in float64)" if n is not None else ""
+    return f"{(s.get('options') or {}).get('precision', '—')}{tail}"
+
+
+def elapsed_text(s: dict) -> str:
+    """'12.3 s (eigenvalues 5.1 s, fit 1.0 s, traps 3.2 s; waited 0.1 s for data)'."""
+    st = s.get("stage_seconds")
+    if not st:
+        return f"{s['elapsed_seconds']:.1f} s"
+    return (f"{s['elapsed_seconds']:.1f} s (eigenvalues {st['eigen']:.1f} s, fit {st['fit']:.1f} "
+            f"s, traps {st['traps']:.1f} s; waited {st['wait']:.1f} s for data)")
 
 
 def flagged_rows(details: pd.DataFrame) -> pd.DataFrame:

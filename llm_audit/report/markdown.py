@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .html import elapsed_text, precision_text
 from .html import fmt as _fmt
 
 TABLE_COLUMNS = ("name", "layer", "module", "expert", "N", "M", "alpha", "D", "num_pl_spikes",
@@ -76,7 +77,8 @@ def _summary_table(s: dict) -> list[str]:
         ("correlation traps (total)", s["total_traps"]),
         ("matrices with traps", s["matrices_with_traps"]),
         ("trap rule", f"`{s['options']['trap_rule']}`"),
-        ("elapsed", f"{s['elapsed_seconds']:.1f} s"),
+        ("eigenvalue precision", precision_text(s)),
+        ("elapsed", elapsed_text(s)),
     ]
     return (["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows] + [
         "", "α is the power-law exponent of the eigenvalue spectrum's tail (≈ 2 ideal, < 2 "
