@@ -118,8 +118,9 @@ def _traps_tw(W: torch.Tensor, generator: torch.Generator,
     edges = [mp.tw_edge(var, N, M) for _, var in moments]
     first = None  # the whole stack's top-k in one batched sketch
     if M >= RSVD_MIN_M:
-        first = rsvd.top_eigenvalues(S, TW_TOP_K, generator=list(generators),
-                                     dtype=dtype).double()
+        thresholds = torch.tensor([t for _, t in edges], dtype=torch.float64)
+        first = rsvd.top_eigenvalues(S, TW_TOP_K, generator=list(generators), dtype=dtype,
+                                     threshold=thresholds).double()
     out = []
     for b, (edge, threshold) in enumerate(edges):
         if first is None:
@@ -145,7 +146,8 @@ def _top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,
     if M < RSVD_MIN_M:
         return torch.flip(spectral.esd(S, dtype=dtype), [0]).double()
     while True:
-        top = rsvd.top_eigenvalues(S, k, generator=generator, dtype=dtype).double()
+        top = rsvd.top_eigenvalues(S, k, generator=generator, dtype=dtype,
+                                   threshold=threshold).double()
         if float(top[-1]) <= threshold or k >= M:
             return top
         k = min(2 * k, M)

@@ -13,6 +13,8 @@ import torch
 
 OVERSAMPLE = 8
 ITERS = 6
+MAX_ITERS = 16  # with a threshold: iterate until the count above it has settled
+SETTLE = 4.0  # remaining growth of a Ritz value ≈ SETTLE × its last step (ratio ≤ 0.8)
 
 
 def top_singular_values(W: torch.Tensor, k: int, *,
@@ -25,7 +27,9 @@ def top_singular_values(W: torch.Tensor, k: int, *,
 def top_eigenvalues(W: torch.Tensor, k: int, *,
                     generator: torch.Generator | Sequence[torch.Generator],
                     oversample: int = OVERSAMPLE, iters: int = ITERS,
-                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float64,
+                    threshold: torch.Tensor | float | None = None,
+                    max_iters: int = MAX_ITERS) -> torch.Tensor:
     """The k largest eigenvalues of WᵀW (= squared singular values of W (..., rows, cols)),
     descending: (..., k).
 
@@ -34,6 +38,13 @@ def top_eigenvalues(W: torch.Tensor, k: int, *,
     eigenvalues of the small matrix (KᵀW)(KᵀW)ᵀ. With the same matrix products, Krylov reaches
     a given accuracy on the top of a gap-free spectrum (the MP edge of a shuffled matrix) in
     about the square root of the iterations subspace iteration needs.
+
+    Ritz values only grow towards the eigenvalues. With a `threshold` (a number, or one per
+    matrix of the batch), iterations go on past `iters` (up to `max_iters`) while a Ritz value
+    at or below it could still cross it: while its distance to the threshold is less than
+    SETTLE × its growth in the last iteration. Counts above the threshold are then exact unless
+    convergence is slower than that geometric estimate.
+
     Work happens on W's device in `dtype`. Ω is drawn in float64 on the generator's device
     (the same Ω in any dtype); with a sequence of generators, one per matrix of the batch, each
     matrix's Ω comes from its own, so a matrix gets the same answer alone or in a batch.
@@ -46,17 +57,37 @@ def top_eigenvalues(W: torch.Tensor, k: int, *,
     b = k + oversample
     if b * (iters + 1) >= m // 2:  # the basis is as big as the problem: exact is cheaper
         return torch.linalg.svdvals(A)[..., :k] ** 2
+    last = iters if threshold is None else max(iters, min(max_iters, m // (2 * b) - 1))
     omega = _sketch(A.shape[:-2], m, b, generator).to(A.device, dtype)  # (..., m, b)
-    K = torch.empty(*A.shape[:-2], n, b * (iters + 1), dtype=dtype, device=A.device)
-    K[..., :b] = torch.linalg.qr(A @ omega).Q  # (..., n, b) blocks of the Krylov basis
-    for j in range(1, iters + 1):
-        Z = A @ (A.mT @ K[..., (j - 1) * b:j * b])  # (..., n, b)
+    K = torch.empty(*A.shape[:-2], n, b * (last + 1), dtype=dtype, device=A.device)
+    Y = torch.empty(*A.shape[:-2], m, b * (last + 1), dtype=dtype, device=A.device)
+    K[..., :b] = torch.linalg.qr(A @ omega).Q  # (..., n, b) blocks of the Krylov basis K
+    Y[..., :b] = A.mT @ K[..., :b]  # Y = AᵀK, so (KᵀA)(KᵀA)ᵀ = YᵀY: Ritz values come cheap
+    prev = None
+    for j in range(1, last + 1):
+        Z = A @ Y[..., (j - 1) * b:j * b]  # (..., n, b) = (AAᵀ) K_{j-1}
         done = K[..., :j * b]
         for _ in range(2):
             Z = Z - done @ (done.mT @ Z)
         K[..., j * b:(j + 1) * b] = torch.linalg.qr(Z).Q
-    B = K.mT @ A  # (..., b·(iters+1), m)
-    return torch.linalg.eigvalsh(B @ B.mT).flip(-1)[..., :k]
+        Y[..., j * b:(j + 1) * b] = A.mT @ K[..., j * b:(j + 1) * b]
+        if j < iters - (threshold is not None):
+            continue
+        Yj = Y[..., :(j + 1) * b]
+        ritz = torch.linalg.eigvalsh(Yj.mT @ Yj).flip(-1)[..., :k]
+        if threshold is None or (prev is not None and _settled(ritz, prev, threshold)):
+            return ritz
+        prev = ritz
+    return ritz
+
+
+def _settled(ritz: torch.Tensor, prev: torch.Tensor, threshold) -> bool:
+    """No Ritz value at or below the threshold is within SETTLE × its last growth of it."""
+    t = torch.as_tensor(threshold, dtype=ritz.dtype, device=ritz.device)
+    t = t.reshape(*t.shape, *([1] * (ritz.ndim - t.ndim)))  # (...,) -> (..., 1)
+    below = ritz <= t
+    close = (t - ritz) <= SETTLE * (ritz - prev).clamp_min(0)
+    return not bool((below & close).any())
 
 
 def _sketch(batch: torch.Size, m: int, b: int,
