@@ -14,7 +14,7 @@ import torch
 OVERSAMPLE = 8
 ITERS = 6
 MAX_ITERS = 16  # with a threshold: iterate until the count above it has settled
-SETTLE = 4.0  # remaining growth of a Ritz value ≈ SETTLE × its last step (ratio ≤ 0.8)
+SETTLE = 2.0  # remaining growth of a Ritz value ≈ SETTLE × its last step (ratio ≤ 2/3)
 
 
 def top_singular_values(W: torch.Tensor, k: int, *,
@@ -42,8 +42,9 @@ def top_eigenvalues(W: torch.Tensor, k: int, *,
     Ritz values only grow towards the eigenvalues. With a `threshold` (a number, or one per
     matrix of the batch), iterations go on past `iters` (up to `max_iters`) while a Ritz value
     at or below it could still cross it: while its distance to the threshold is less than
-    SETTLE × its growth in the last iteration. Counts above the threshold are then exact unless
-    convergence is slower than that geometric estimate.
+    SETTLE × its growth in the last iteration; each matrix of a batch keeps the values of the
+    iteration it settled at, so its answer does not depend on its batch-mates. Counts above the
+    threshold are then exact unless convergence is slower than that geometric estimate.
 
     Work happens on W's device in `dtype`. Ω is drawn in float64 on the generator's device
     (the same Ω in any dtype); with a sequence of generators, one per matrix of the batch, each
@@ -63,7 +64,7 @@ def top_eigenvalues(W: torch.Tensor, k: int, *,
     Y = torch.empty(*A.shape[:-2], m, b * (last + 1), dtype=dtype, device=A.device)
     K[..., :b] = torch.linalg.qr(A @ omega).Q  # (..., n, b) blocks of the Krylov basis K
     Y[..., :b] = A.mT @ K[..., :b]  # Y = AᵀK, so (KᵀA)(KᵀA)ᵀ = YᵀY: Ritz values come cheap
-    prev = None
+    prev = out = settled = None
     for j in range(1, last + 1):
         Z = A @ Y[..., (j - 1) * b:j * b]  # (..., n, b) = (AAᵀ) K_{j-1}
         done = K[..., :j * b]
@@ -75,19 +76,29 @@ def top_eigenvalues(W: torch.Tensor, k: int, *,
             continue
         Yj = Y[..., :(j + 1) * b]
         ritz = torch.linalg.eigvalsh(Yj.mT @ Yj).flip(-1)[..., :k]
-        if threshold is None or (prev is not None and _settled(ritz, prev, threshold)):
+        if threshold is None:
             return ritz
+        if prev is None:
+            out, settled = ritz, torch.zeros(ritz.shape[:-1], dtype=torch.bool,
+                                             device=ritz.device)
+        else:  # each matrix keeps the values it settled at: batch-mates do not change them
+            now = _settled(ritz, prev, threshold) & ~settled
+            out = torch.where(now[..., None], ritz, out)
+            settled = settled | now
+            if bool(settled.all()):
+                return out
         prev = ritz
-    return ritz
+    return torch.where(settled[..., None], out, ritz)
 
 
-def _settled(ritz: torch.Tensor, prev: torch.Tensor, threshold) -> bool:
-    """No Ritz value at or below the threshold is within SETTLE × its last growth of it."""
+def _settled(ritz: torch.Tensor, prev: torch.Tensor, threshold) -> torch.Tensor:
+    """Per matrix (...,): no Ritz value at or below the threshold is within SETTLE × its last
+    growth of it."""
     t = torch.as_tensor(threshold, dtype=ritz.dtype, device=ritz.device)
     t = t.reshape(*t.shape, *([1] * (ritz.ndim - t.ndim)))  # (...,) -> (..., 1)
     below = ritz <= t
     close = (t - ritz) <= SETTLE * (ritz - prev).clamp_min(0)
-    return not bool((below & close).any())
+    return ~(below & close).any(dim=-1)
 
 
 def _sketch(batch: torch.Size, m: int, b: int,

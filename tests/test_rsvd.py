@@ -128,3 +128,21 @@ def test_threshold_iterates_until_the_count_above_it_is_exact():
         assert exact < 16 and settled == exact and plain <= exact, (seed, exact, plain, settled)
         under += plain < exact
     assert under >= 1  # the case the threshold exists for did occur
+
+
+def test_thresholded_batch_member_equals_the_matrix_alone():
+    """Batch-mates that need more iterations do not change a settled matrix's values."""
+    from llm_audit.quant import mxfp4_dequantize
+    from tests.checkpoints import encode_mxfp4
+
+    n, g = 1024, torch.Generator().manual_seed(7)
+    z, c = torch.randn(3, n, n, generator=g), (torch.randn(3, 3, n, n, generator=g) ** 2).sum(1)
+    W = mxfp4_dequantize(*encode_mxfp4(z / (c / 3).sqrt() * 0.02))  # (3, n, n) heavy-tailed
+    X = W - W.mean(dim=(-2, -1), keepdim=True)
+    thr = torch.tensor([float(torch.linalg.matrix_norm(x, 2)) ** 2 * 0.97 for x in X])
+    gens = [torch.Generator().manual_seed(20 + b) for b in range(3)]
+    batch = top_eigenvalues(X, 16, generator=gens, dtype=torch.float32, threshold=thr)
+    for b in range(3):
+        alone = top_eigenvalues(X[b], 16, generator=torch.Generator().manual_seed(20 + b),
+                                dtype=torch.float32, threshold=float(thr[b]))
+        torch.testing.assert_close(batch[b], alone, rtol=1e-5, atol=0)
