@@ -116,8 +116,10 @@ def _traps_tw(W: torch.Tensor, generator: torch.Generator,
     means = torch.tensor([m for m, _ in moments], dtype=W.dtype, device=W.device)
     S = shuffle(W, generator).sub_(means[:, None, None])  # (B, rows, cols), mean removed
     edges = [mp.tw_edge(var, N, M) for _, var in moments]
-    first = None  # the whole stack's top-k in one batched sketch
-    if M >= RSVD_MIN_M:
+    # On CUDA the whole stack's top-k comes from one batched sketch (same values as one by
+    # one); on CPU a batch saves nothing and keeps settled members iterating with the rest.
+    first = None
+    if M >= RSVD_MIN_M and S.is_cuda:
         thresholds = torch.tensor([t for _, t in edges], dtype=torch.float64)
         first = rsvd.top_eigenvalues(S, TW_TOP_K, generator=list(generators), dtype=dtype,
                                      threshold=thresholds).double()
