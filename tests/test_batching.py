@@ -182,9 +182,9 @@ def checkpoints(tmp_path_factory):
             "mixtral": _mixtral(d / "mixtral", torch.Generator().manual_seed(4))}
 
 
-@pytest.mark.parametrize("kind, rule", [("gpt_oss", "ww"), ("gpt_oss", "tw"),
-                                        ("mixtral", "ww")])
-def test_batching_does_not_change_answers(checkpoints, kind, rule, monkeypatch):
+@pytest.fixture
+def stack_sizes(monkeypatch):
+    """The batch size of every analyse_stack call the pipeline makes, in order."""
     sizes = []
     real = pipeline.analyse_stack
 
@@ -193,6 +193,13 @@ def test_batching_does_not_change_answers(checkpoints, kind, rule, monkeypatch):
         return real(W, metas, opts, key=key)
 
     monkeypatch.setattr(pipeline, "analyse_stack", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("kind, rule", [("gpt_oss", "ww"), ("gpt_oss", "tw"),
+                                        ("mixtral", "ww")])
+def test_batching_does_not_change_answers(checkpoints, kind, rule, stack_sizes, monkeypatch):
+    sizes = stack_sizes
     batched = llm_audit.audit(checkpoints[kind], trap_rule=rule, max_spectra=0)
     assert max(sizes) == 4  # the four experts of a tensor in one stack
     sizes.clear()
@@ -204,15 +211,8 @@ def test_batching_does_not_change_answers(checkpoints, kind, rule, monkeypatch):
     assert (a.status == "ok").sum() >= 5
 
 
-def test_per_expert_tensors_are_batched(tmp_path, gen, monkeypatch):
-    sizes = []
-    real = pipeline.analyse_stack
-
-    def spy(W, metas, opts, *, key):
-        sizes.append(W.shape[0])
-        return real(W, metas, opts, key=key)
-
-    monkeypatch.setattr(pipeline, "analyse_stack", spy)
+def test_per_expert_tensors_are_batched(tmp_path, gen, stack_sizes):
+    sizes = stack_sizes
     llm_audit.audit(_mixtral(tmp_path / "m", gen), randomize=False, max_spectra=0)
     assert sorted(sizes) == [1, 4, 4]  # q_proj; the four w1; the four w2
 
