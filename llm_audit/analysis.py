@@ -60,7 +60,6 @@ def analyse_stack(W: torch.Tensor, metas: Sequence[MatrixMeta], opts: AuditOptio
     `key` names the stack (the stored tensor): it seeds the one shuffle permutation all its
     matrices share, so results do not depend on how a stack is cut into batches.
     """
-    t0 = time.perf_counter()
     rows: list[MatrixResult | None] = [None] * len(metas)
     good = []
     for b, meta in enumerate(metas):
@@ -74,8 +73,6 @@ def analyse_stack(W: torch.Tensor, metas: Sequence[MatrixMeta], opts: AuditOptio
         for b, row in zip(good, _analyse_checked(Wg, [metas[b] for b in good], opts, key),
                           strict=True):
             rows[b] = row
-    if not good:
-        log.debug("%s: no analysable matrix (%.3f s)", key, time.perf_counter() - t0)
     return rows  # type: ignore[return-value]
 
 

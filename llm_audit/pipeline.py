@@ -193,13 +193,12 @@ def _analyse_jobs(batch: list[DecodedJob],
     for members in groups.values():
         for (i, _), res in zip(members, _analyse_group(batch, members, opts), strict=True):
             rows[i].append(res)
-    for i, d in enumerate(batch):
+    for i, d in enumerate(batch):  # groups come in matrix order p, so rows[i] is in order
         share = max(len(rows[i]), 1)
-        yield d.job, tuple(sorted(
-            (dataclasses.replace(r, read_seconds=d.read_seconds / share,
-                                 decode_seconds=d.decode_seconds / share,
-                                 wait_seconds=d.wait_seconds / share) for r in rows[i]),
-            key=lambda r: _position(d, r)))
+        yield d.job, tuple(dataclasses.replace(r, read_seconds=d.read_seconds / share,
+                                               decode_seconds=d.decode_seconds / share,
+                                               wait_seconds=d.wait_seconds / share)
+                           for r in rows[i])
 
 
 def _analyse_group(batch: list[DecodedJob], members: list[tuple[int, int]],
@@ -212,11 +211,6 @@ def _analyse_group(batch: list[DecodedJob], members: list[tuple[int, int]],
     results = analyse_stack(W, metas, opts, key=key)
     return [dataclasses.replace(r, nan_scales=m.nan_scales) if m.nan_scales else r
             for r, m in zip(results, mats, strict=True)]
-
-
-def _position(d: DecodedJob, row: MatrixResult) -> int:
-    names = [m.name for m in d.matrices]
-    return names.index(row.name) if row.name in names else 0
 
 
 def _dtype(job: MatrixJob) -> str:
