@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from .cli_args import add_run_arguments
 
 
 def _device(name: str) -> torch.device:
@@ -24,15 +25,9 @@ def _parser() -> argparse.ArgumentParser:
                                  description="Toy reproductions of anti-grokking, audited.")
     sub = ap.add_subparsers(dest="experiment", required=True)
     m = sub.add_parser("mnist", help="MNIST MLP3 (784-200-200-10), 1000 training images")
-    m.add_argument("--preset", choices=("smoke", "quick", "paper"), default="smoke")
-    m.add_argument("--out", required=True, type=Path, help="output folder (resumes if it holds "
-                   "a checkpoint.pt of an earlier run)")
-    m.add_argument("--steps", type=int, default=None, help="override the preset's step count")
-    m.add_argument("--seed", type=int, default=0, help="init / batch-order / audit seed")
-    m.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    add_run_arguments(m, seed_help="init / batch-order / audit seed")
     m.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files "
                    "(default: $MNIST_DIR, then torchvision's cache, then a download)")
-    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     m.add_argument("--trap-rule", choices=("ww", "tw"), default="ww",
                    help="rule of history's num_traps (layers.csv holds both)")
     m.add_argument("--time-limit", type=float, default=None, metavar="MIN",

@@ -5,23 +5,18 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+
+from .cli_args import add_run_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("modadd", help="modular addition, Nanda et al.'s 1-layer transformer")
-    m.add_argument("--preset", choices=("smoke", "quick", "paper"), default="smoke")
-    m.add_argument("--out", required=True, type=Path, help="output folder (resumes if it holds "
-                   "a checkpoint.pt of an earlier run)")
-    m.add_argument("--steps", type=int, default=None, help="override the preset's step count")
-    m.add_argument("--seed", type=int, default=0, help="data split / init / audit seed")
-    m.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    add_run_arguments(m, seed_help="data split / init / audit seed")
     m.add_argument("--p", type=int, default=None, help="override the preset's modulus")
     m.add_argument("--train-frac", type=float, default=None,
                    help="override the preset's fraction of the p² pairs used for training")
-    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     m.add_argument("--trap-rule", choices=("ww", "tw"), default="ww")
 
 
