@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .analysis import MatrixMeta, analyse_stack
-from .decode import TensorReader, decode
+from .decode import DecodedMatrix, TensorReader, decode
 from .errors import AuditError, UsageError
 from .hub import resolve_source
 from .journal import Journal, job_key
@@ -174,6 +174,12 @@ def _stack_key(job: MatrixJob) -> str | None:
     return f"{_EXPERT_INDEX.sub('experts.*.', job.parts[0].name)}/{job.scheme}"
 
 
+def _shuffle_key(m: DecodedMatrix) -> str:
+    """What seeds a matrix's shuffle: its stack (tensor + module) for experts, else its name."""
+    key = _stack_key(m.job)
+    return m.name if key is None else f"{key}/{m.module}"
+
+
 def _nbytes(batch: list[DecodedJob]) -> int:
     return sum(m.W.numel() * m.W.element_size() for d in batch for m in d.matrices)
 
@@ -205,8 +211,7 @@ def _analyse_group(batch: list[DecodedJob], members: list[tuple[int, int]],
                    opts: AuditOptions) -> list[MatrixResult]:
     mats = [batch[i].matrices[p] for i, p in members]
     metas = [MatrixMeta(m.name, m.job.layer, m.module, m.expert, _dtype(m.job)) for m in mats]
-    key = _stack_key(mats[0].job)
-    key = mats[0].name if key is None else f"{key}/{mats[0].module}"
+    key = _shuffle_key(mats[0])
     W = mats[0].W[None] if len(mats) == 1 else torch.stack([m.W for m in mats])
     results = analyse_stack(W, metas, opts, key=key)
     return [dataclasses.replace(r, nan_scales=m.nan_scales) if m.nan_scales else r
@@ -283,7 +288,8 @@ def collect_spectra(jobs: list[MatrixJob], details: pd.DataFrame, opts: AuditOpt
                 for m in decode(job, reader, device):
                     name = m.name
                     if name in wanted:
-                        found[name] = compute_spectra(m.W, rows[name], wanted[name], opts)
+                        found[name] = compute_spectra(m.W, rows[name], wanted[name], opts,
+                                                      shuffle_key=_shuffle_key(m))
             except (AuditError, RuntimeError) as e:
                 log.warning("%s: no spectrum for the report: %s", job.name, e)
     return tuple(found[n] for n in wanted if n in found)

@@ -57,8 +57,8 @@ def suspicious(details: pd.DataFrame, limit: int = MAX_SPECTRA) -> list[tuple[st
     return list(picked.items())[:limit]
 
 
-def compute_spectra(W: torch.Tensor, row: pd.Series, reason: str,
-                    opts: AuditOptions) -> Spectra:
+def compute_spectra(W: torch.Tensor, row: pd.Series, reason: str, opts: AuditOptions, *,
+                    shuffle_key: str | None = None) -> Spectra:
     """The ESD and shuffled ESD of W, and the row's fitted marks; empty spectra if W is not
     finite (a failed matrix)."""
     N, M = max(W.shape), min(W.shape)
@@ -67,7 +67,7 @@ def compute_spectra(W: torch.Tensor, row: pd.Series, reason: str,
     if bool(torch.isfinite(W).all()) and bool((W != 0).any()):
         evals = tuple(spectral.esd(W).cpu().tolist())
         if opts.randomize:
-            rand = tuple(_shuffled_esd(W, str(row["name"]), opts))
+            rand = tuple(_shuffled_esd(W, shuffle_key or str(row["name"]), opts))
     return Spectra(name=str(row["name"]), N=N, M=M, reason=reason, evals=evals, rand_evals=rand,
                    alpha=_f(row["alpha"]), xmin=_f(row["xmin"]),
                    num_pl_spikes=int(row["num_pl_spikes"]),

@@ -240,3 +240,14 @@ def test_analysed_pairs_each_job_with_its_rows(checkpoints, monkeypatch):
     for job, rows in out:
         assert [r.name for r in rows] == [f"{job.name}.gate", f"{job.name}.up"]
         assert all(dataclasses.is_dataclass(r) and r.read_seconds >= 0 for r in rows)
+
+
+def test_figure_spectra_use_the_audits_shuffle(checkpoints):
+    """The shuffled ESD drawn for an expert is the one its traps were counted on (the stack's
+    shared permutation), so the figure shows exactly rand_num_spikes values above the line."""
+    res = llm_audit.audit(checkpoints["gpt_oss"], precision="float64", max_spectra=40)
+    experts = [s for s in res.spectra if "[" in s.name]
+    assert experts and any(s.rand_num_spikes > 0 for s in experts)
+    for s in experts:
+        above = sum(v > s.trap_threshold for v in s.rand_evals)
+        assert above == s.rand_num_spikes, s.name
