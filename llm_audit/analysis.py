@@ -169,8 +169,10 @@ def _float32_decided(evals: torch.Tensor, fit: spectral.PowerLawFit, mp_threshol
     round-off: by the bound (`alpha_spread`) or, failing that, by refitting twice with every
     eigenvalue perturbed by PERTURB_ULPS ulps of λ_max (the measured size of float32's error);
     α may move by at most max(ALPHA_TOL, ALPHA_TOL_SIGMAS·σ(α)). No eigenvalue may sit within
-    round-off of the MP spike threshold. A failed fit is redone in float64 (round-off?)."""
-    if not fit.ok:
+    round-off of the MP spike threshold. A failed fit is redone in float64 (round-off?), and so
+    is a spectrum that reads rank-deficient: float32 cannot tell an eigenvalue below the rank
+    threshold from round-off of either sign (a full float32 rank is kept: README, Precision)."""
+    if not fit.ok or spectral.spectral_norms(evals).rank < evals.numel():
         return False
     tol = max(ALPHA_TOL, ALPHA_TOL_SIGMAS * fit.sigma)
     lmax = float(evals.max())
