@@ -127,9 +127,14 @@ def _add_traps(W: torch.Tensor, evals: torch.Tensor, metas: list[MatrixMeta],
             moments=[(fields[b]["entry_mean"], fields[b]["entry_var"]) for b in idx],
             dtype=getattr(torch, prec))
         for b, tr in zip(idx, traps, strict=True):
+            an = tr.anatomy
             fields[b].update(rand_num_spikes=tr.num_traps, max_rand_eval=tr.max_rand_eval,
                              rand_bulk_max=tr.bulk_max, rand_sigma_mp=tr.sigma_mp,
-                             rand_distance=tr.distance, trap_threshold=tr.threshold)
+                             rand_distance=tr.distance, trap_threshold=tr.threshold,
+                             traps_mean=an.count("mean"), traps_entries=an.count("entries"),
+                             traps_tail=an.count("tail"), trap_entries=an.trap_entries,
+                             trap_rows=an.trap_rows, trap_cols=an.trap_cols,
+                             traps=an.traps, outliers=an.outliers)
 
 
 def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import mp, rsvd, spectral
+from . import anatomy, mp, rsvd, spectral
+from .anatomy import Anatomy
 from .spectral import PowerLawFit
 
 WW_SMALL_M = 100  # WeightWatcher pools 5 shuffles when M < 100
@@ -33,6 +34,7 @@ class TrapResult:
     threshold: float  # eigenvalues of the shuffled matrix above this are traps
     distance: float  # rand_distance: Jensen–Shannon distance of sorted ESDs (ww rule only)
     trap_evals: tuple[float, ...]  # the trap eigenvalues, largest first
+    anatomy: Anatomy = anatomy.NO_TRAPS  # what each trap is made of (anatomy.py)
 
 
 def shuffle(W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -45,16 +47,23 @@ def shuffle(W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     permutation is drawn on the GPU, from a seed the generator gives (another random shuffle
     than on CPU, same statistics; a CPU randperm of 579M entries takes ~15 s).
     """
-    flat = W.reshape(*W.shape[:-2], -1)
-    n = flat.shape[-1]
+    return apply_permutation(W, permutation(W, generator))
+
+
+def permutation(W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The flat permutation `shuffle` applies to W (rows, cols) or a stack (B, rows, cols)."""
+    n = W.shape[-2] * W.shape[-1]
     if W.is_cuda and n >= DEVICE_PERM_NUMEL:
         g = torch.Generator(W.device)
         g.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        perm = torch.randperm(n, generator=g, device=W.device)
-    else:
-        index = torch.int32 if n < 2**31 else torch.int64  # halves a 579M-entry perm
-        perm = torch.randperm(n, generator=generator, device=generator.device, dtype=index)
-        perm = perm.to(W.device, torch.int64 if W.is_cuda else index)
+        return torch.randperm(n, generator=g, device=W.device)
+    index = torch.int32 if n < 2**31 else torch.int64  # halves a 579M-entry perm
+    perm = torch.randperm(n, generator=generator, device=generator.device, dtype=index)
+    return perm.to(W.device, torch.int64 if W.is_cuda else index)
+
+
+def apply_permutation(W: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    flat = W.reshape(*W.shape[:-2], -1)
     return flat.index_select(-1, perm).reshape(W.shape)
 
 
@@ -76,18 +85,20 @@ def stack_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str, generator: t
     `moments[b]` = (mean, variance) of matrix b's entries; `dtype`: the eigen precision (a
     float32 count that lands within round-off of its threshold is redone in float64)."""
     if rule == "ww":
-        return _traps_ww(W, evals, generator, dtype)
+        return _traps_ww(W, evals, generator, generators, moments, dtype)
     if rule == "tw":
         return _traps_tw(W, generator, generators, moments, dtype)
     raise ValueError(f"unknown trap rule {rule!r}")
 
 
 def _traps_ww(W: torch.Tensor, evals: torch.Tensor, generator: torch.Generator,
+              generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
               dtype: torch.dtype) -> list[TrapResult]:
     """WeightWatcher's rule: MP fit of the shuffled ESD, traps above bulk_max + √s_TW."""
     N, M = max(W.shape[-2:]), min(W.shape[-2:])
     reps = WW_SMALL_REPS if M < WW_SMALL_M else 1
-    shuffled = [shuffle(W, generator) for _ in range(reps)]  # each (B, rows, cols)
+    perms = [permutation(W, generator) for _ in range(reps)]
+    shuffled = [apply_permutation(W, p) for p in perms]  # each (B, rows, cols)
     esds = [spectral.esd(S, dtype=dtype).double() for S in shuffled]  # each (B, M)
     out = []
     for b in range(W.shape[0]):
@@ -101,8 +112,23 @@ def _traps_ww(W: torch.Tensor, evals: torch.Tensor, generator: torch.Generator,
         out.append(TrapResult(num_traps=fit.num_spikes, max_rand_eval=fit.max_eval,
                               bulk_max=fit.bulk_max, sigma_mp=fit.sigma_mp,
                               threshold=fit.threshold,
-                              distance=js_distance(evals[b], pooled[:M]), trap_evals=traps))
+                              distance=js_distance(evals[b], pooled[:M]), trap_evals=traps,
+                              anatomy=_anatomy(W[b], perms, fit.num_spikes, fit.threshold,
+                                               generators[b], moments[b], remove_mean=False)))
     return out
+
+
+def _anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int, threshold: float,
+             generator: torch.Generator, moments: tuple[float, float], *,
+             remove_mean: bool) -> Anatomy:
+    """The anatomy of a matrix's traps (none: nothing to compute), counted in float64 against
+    the rule's threshold."""
+    if num_traps == 0:
+        return anatomy.NO_TRAPS
+    def count(S: torch.Tensor) -> int:
+        return int((_top_above(S, threshold, generator, torch.float64) > threshold).sum())
+    return anatomy.trap_anatomy(W, perms, count=count, mean=moments[0],
+                                remove_mean=remove_mean, generator=generator)
 
 
 def _traps_tw(W: torch.Tensor, generator: torch.Generator,
@@ -114,7 +140,8 @@ def _traps_tw(W: torch.Tensor, generator: torch.Generator,
     randomized block-Krylov SVD computes it, below that the exact Gram route is cheaper."""
     N, M = max(W.shape[-2:]), min(W.shape[-2:])
     means = torch.tensor([m for m, _ in moments], dtype=W.dtype, device=W.device)
-    S = shuffle(W, generator).sub_(means[:, None, None])  # (B, rows, cols), mean removed
+    perm = permutation(W, generator)
+    S = apply_permutation(W, perm).sub_(means[:, None, None])  # (B, rows, cols), mean removed
     edges = [mp.tw_edge(var, N, M) for _, var in moments]
     # On CUDA the whole stack's top-k comes from one batched sketch (same values as one by
     # one); on CPU a batch saves nothing and keeps settled members iterating with the rest.
@@ -136,7 +163,9 @@ def _traps_tw(W: torch.Tensor, generator: torch.Generator,
         traps = tuple(float(v) for v in top if float(v) > threshold)
         out.append(TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]), bulk_max=edge,
                               sigma_mp=math.nan, threshold=threshold, distance=math.nan,
-                              trap_evals=traps))
+                              trap_evals=traps,
+                              anatomy=_anatomy(W[b], [perm], len(traps), threshold,
+                                               generators[b], moments[b], remove_mean=True)))
     return out
 
 

@@ -8,6 +8,7 @@ truncated last line is ignored. ``--resume`` reuses the rows whose fingerprint s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from . import __version__
+from .anatomy import TrapInfo
 from .options import AuditOptions
 from .records import COLUMNS, MatrixResult
 from .routing import MatrixJob
@@ -55,7 +57,9 @@ class Journal:
         return self.done.get(key)
 
     def record(self, key: str, rows: tuple[MatrixResult, ...]) -> None:
-        line = json.dumps({"key": key, "rows": [r.as_row() for r in rows]})
+        line = json.dumps({"key": key, "rows": [r.as_row() for r in rows],
+                           "traps": [[dataclasses.asdict(t) for t in r.traps] for r in rows],
+                           "outliers": [r.outliers for r in rows]})
         self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -68,14 +72,21 @@ class Journal:
             for line in f:
                 try:
                     entry = json.loads(line)
-                    rows = tuple(MatrixResult(**{k: v for k, v in r.items() if k in COLUMNS})
-                                 for r in entry["rows"])
+                    rows = tuple(_restore(r, t, o) for r, t, o in zip(
+                        entry["rows"], entry["traps"], entry["outliers"], strict=True))
                 except (ValueError, KeyError, TypeError):
                     log.info("%s: ignoring an incomplete line", self.path)
                     continue
                 done[entry["key"]] = rows
         log.info("%s: %d finished jobs to resume from", self.path, len(done))
         return done
+
+
+def _restore(row: dict, traps: list[dict], outliers: list) -> MatrixResult:
+    infos = tuple(TrapInfo(**{**t, "entries": tuple(tuple(e) for e in t["entries"])})
+                  for t in traps)
+    return MatrixResult(**{k: v for k, v in row.items() if k in COLUMNS}, traps=infos,
+                        outliers=tuple(tuple(o) for o in outliers))
 
 
 def discard_journal(folder: str | Path) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from . import __version__
 from .analysis import MatrixMeta, analyse_stack
+from .anatomy import TRAP_CLASSES
 from .decode import DecodedMatrix, TensorReader, decode
 from .errors import AuditError, UsageError
 from .hub import resolve_source
@@ -26,7 +27,7 @@ from .moe import plan_checkpoint
 from .options import AuditOptions
 from .prefetch import DecodedJob, prefetch
 from .progress import AuditStarted, JobDone, Observer
-from .records import COLUMNS, MatrixResult
+from .records import COLUMNS, TRAP_COLUMNS, MatrixResult, trap_table_rows
 from .routing import MatrixJob, Skipped
 from .source import Checkpoint
 from .spectra import MAX_SPECTRA, Spectra, compute_spectra, suspicious
@@ -50,12 +51,13 @@ class AuditResult:
     skipped: pd.DataFrame
     summary: dict
     spectra: tuple[Spectra, ...] = ()  # eigenvalues of the most suspicious matrices (figures)
+    traps: pd.DataFrame | None = None  # one row per trap: the columns of traps.csv
 
     def write(self, out: str | Path, formats: tuple[str, ...] | None = None) -> list[Path]:
         from .report import FORMATS, write_reports
 
         return write_reports(Path(out), self.details, self.summary, self.skipped,
-                             formats or FORMATS, spectra=self.spectra)
+                             formats or FORMATS, spectra=self.spectra, traps=self.traps)
 
 
 def audit(source: str | Path, *, allow_pickle: bool = False,
@@ -238,8 +240,10 @@ def assemble(ckpt: Checkpoint, opts: AuditOptions, rows: list[MatrixResult],
         details[col] = details[col].astype("Int64")
     skipped_df = pd.DataFrame([(s.name, s.dtype, s.shape, s.reason) for s in skipped],
                               columns=list(SKIPPED_COLUMNS))
+    traps = pd.DataFrame([t for r in rows for t in trap_table_rows(r, opts.trap_rule)],
+                         columns=list(TRAP_COLUMNS))
     summary = summarise(ckpt, opts, details, skipped_df, elapsed)
-    return AuditResult(ckpt.name, details, skipped_df, summary)
+    return AuditResult(ckpt.name, details, skipped_df, summary, traps=traps)
 
 
 def summarise(ckpt: Checkpoint, opts: AuditOptions, details: pd.DataFrame,
@@ -260,6 +264,8 @@ def summarise(ckpt: Checkpoint, opts: AuditOptions, details: pd.DataFrame,
         "num_under_trained": int((ok["warning"] == "under-trained").sum()),
         "total_traps": int(ok["rand_num_spikes"].sum()) if opts.randomize else None,
         "matrices_with_traps": int((ok["rand_num_spikes"] > 0).sum()) if opts.randomize else None,
+        "traps_by_class": ({c: int(ok[f"traps_{c}"].sum()) for c in TRAP_CLASSES}
+                           if opts.randomize else None),
         "bytes": ckpt.total_bytes,
         "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__},
         "versions": {"llm_audit": __version__, "torch": torch.__version__,

@@ -7,7 +7,9 @@ a failed quantity is NaN (empty in CSV), never a sentinel like -1.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from .anatomy import TrapInfo
 
 NAN = math.nan
 
@@ -48,6 +50,13 @@ class MatrixResult:
     rand_sigma_mp: float = NAN
     rand_distance: float = NAN
     trap_threshold: float = NAN
+    # what the traps are made of (anatomy.py): their classes sum to rand_num_spikes
+    traps_mean: int = 0  # the rank-1 spike of a non-zero entry mean (ww rule only)
+    traps_entries: int = 0  # gone when <= 16 entries are clipped: a handful of outliers
+    traps_tail: int = 0  # survive that: a heavy-tailed entry distribution
+    trap_entries: int = 0  # distinct original entries behind the `entries` traps
+    trap_rows: int = 0  # distinct original rows they sit in
+    trap_cols: int = 0  # distinct original columns they sit in
     # confound controls for traps
     entry_mean: float = NAN
     entry_std: float = NAN
@@ -68,10 +77,26 @@ class MatrixResult:
     fit_seconds: float = NAN  # power-law, MP fit, norms, confounds
     trap_seconds: float = NAN  # shuffle + top of the shuffled spectrum
 
+    # one record per trap (the rows of traps.csv); not a column of layers.csv
+    traps: tuple[TrapInfo, ...] = field(default=(), repr=False)
+    outliers: tuple[tuple[int, int], ...] = field(default=(), repr=False)  # (row, col)
+
     def as_row(self) -> dict:
-        return asdict(self)
+        return {c: getattr(self, c) for c in COLUMNS}
 
 
-COLUMNS = tuple(f.name for f in fields(MatrixResult))
+NOT_COLUMNS = ("traps", "outliers")
+COLUMNS = tuple(f.name for f in fields(MatrixResult) if f.name not in NOT_COLUMNS)
 #: columns that measure cost, not the model: they differ from run to run
 TIMING_COLUMNS = tuple(c for c in COLUMNS if c == "seconds" or c.endswith("_seconds"))
+
+
+#: the columns of traps.csv: one row per trap
+TRAP_COLUMNS = ("name", "rule", "trap", "eigenvalue", "class", "half_mass_entries", "entries")
+
+
+def trap_table_rows(result: MatrixResult, rule: str) -> list[dict]:
+    """The rows of traps.csv for one matrix; `entries` as 'row:col' separated by spaces."""
+    return [{"name": result.name, "rule": rule, "trap": t.trap, "eigenvalue": t.eigenvalue,
+             "class": t.cls, "half_mass_entries": t.half_mass_entries,
+             "entries": " ".join(f"{r}:{c}" for r, c in t.entries)} for t in result.traps]

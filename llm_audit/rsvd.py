@@ -110,3 +110,35 @@ def _sketch(batch: torch.Size, m: int, b: int,
         raise ValueError(f"{len(generator)} generators for a batch of shape {tuple(batch)}")
     return torch.stack([torch.randn(m, b, generator=g, dtype=torch.float64, device=g.device)
                         for g in generator])
+
+
+def top_singular_triplets(W: torch.Tensor, k: int, *, generator: torch.Generator,
+                          oversample: int = OVERSAMPLE, iters: int = ITERS
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U (rows, k), s (k,), V (cols, k)): the k largest singular triplets of one matrix W
+    (rows, cols), W ≈ U diag(s) Vᵀ on them, in float64. The same block Krylov basis K as
+    `top_eigenvalues` (fixed `iters`); the SVD of the small KᵀA gives the vectors. Exact
+    (a full SVD) when the basis would be as big as the problem."""
+    A = W.to(torch.float64)
+    flip = A.shape[0] < A.shape[1]
+    if flip:
+        A = A.T  # (n, m), n >= m
+    n, m = A.shape
+    k = min(k, m)
+    b = k + oversample
+    if b * (iters + 1) >= m // 2:
+        U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+        U, s, V = U[:, :k], s[:k], Vh[:k].T
+    else:
+        omega = _sketch(torch.Size(), m, b, generator).to(A.device)
+        blocks = [torch.linalg.qr(A @ omega).Q]
+        for _ in range(iters):
+            Z = A @ (A.T @ blocks[-1])
+            done = torch.cat(blocks, dim=1)
+            for _ in range(2):
+                Z = Z - done @ (done.T @ Z)
+            blocks.append(torch.linalg.qr(Z).Q)
+        K = torch.cat(blocks, dim=1)  # (n, b·(iters+1)), orthonormal
+        Ub, s, Vh = torch.linalg.svd(K.T @ A, full_matrices=False)
+        U, s, V = K @ Ub[:, :k], s[:k], Vh[:k].T
+    return (V, s, U) if flip else (U, s, V)

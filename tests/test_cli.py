@@ -75,7 +75,7 @@ def test_fail_on_exit_1_lists_matches(small, tmp_path, capsys):
     assert code == 1
     assert err.splitlines() == ["llm-audit: fail-on: layers.1.q.weight: rand_num_spikes=5 "
                                 "(rand_num_spikes>0)"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["layers.csv", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layers.csv", "summary.json", "traps.csv"]
 
 
 def test_fail_on_no_match_exit_0(small, tmp_path, capsys):

@@ -37,7 +37,8 @@ def report(tmp_path_factory):
 
 def test_outputs_and_figures_beside_md(report):
     names = sorted(p.name for p in report.iterdir())
-    assert names == ["figures", "layers.csv", "report.html", "report.md", "summary.json"]
+    assert names == ["figures", "layers.csv", "report.html", "report.md", "summary.json",
+                     "traps.csv"]
     figs = sorted(p.name for p in (report / "figures").iterdir())
     assert figs[:2] == ["alpha_by_layer.png", "spectra_01.png"]
     md = (report / "report.md").read_text()

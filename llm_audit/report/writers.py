@@ -46,13 +46,18 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 
 
 def write_reports(out: Path, details: pd.DataFrame, summary: dict, skipped: pd.DataFrame,
-                  formats: tuple[str, ...] = FORMATS, spectra: tuple = ()) -> list[Path]:
-    """Write the chosen report formats into `out`; returns the paths written."""
+                  formats: tuple[str, ...] = FORMATS, spectra: tuple = (),
+                  traps: pd.DataFrame | None = None) -> list[Path]:
+    """Write the chosen report formats into `out`; returns the paths written. With "csv",
+    `traps` (one row per trap) goes to traps.csv."""
     out = Path(out)
     written = []
     if "csv" in formats:
         written.append(out / "layers.csv")
         atomic_write(written[-1], details.to_csv(index=False))
+        if traps is not None:
+            written.append(out / "traps.csv")
+            atomic_write(written[-1], traps.to_csv(index=False))
     if "json" in formats:
         written.append(out / "summary.json")
         atomic_write(written[-1], json.dumps(summary, indent=2, default=_jsonable) + "\n")

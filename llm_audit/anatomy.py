@@ -1,0 +1,180 @@
+"""What a correlation trap is made of (stage 4, pure functions on tensors).
+
+A shuffled matrix S has no correlations left, so a trap (an eigenvalue of SᵀS above the rule's
+threshold τ) can only come from the entry distribution. Each trap of one shuffle is classed:
+
+- ``mean``: the rank-1 spike of a non-zero entry mean. The trap that disappears when the
+  entries' mean is subtracted (at most one: a rank-1 change moves a count by at most one); it
+  is the trap whose singular vectors overlap most with the constant vectors. Only under rules
+  that do not remove the mean themselves (``ww``).
+- ``entries``: a handful of outliers. With S₀ = S − mean, the trap's singular pair (u, v) and
+  σ = uᵀS₀v = Σᵢⱼ uᵢ S₀ᵢⱼ vⱼ, entry (i, j) contributes cᵢⱼ = uᵢ S₀ᵢⱼ vⱼ to σ (the c's sum
+  to σ exactly: a decomposition of the trap itself, weighting where the vectors point by the
+  value found there). The trap is ``entries`` when clipping the CLIP_K entries of largest |c|
+  to ±``clip_level`` (S₀ alone, one trap at a time) lowers the count above τ, *and* the
+  matrix has no more outliers (entries beyond ±clip_level) than CLIP_K per trap: the traps
+  are explained by a handful of entries that do not belong to the bulk.
+- ``tail``: otherwise. Either the trap survives the clipping (its weight is spread over many
+  entries), or the outliers are too many to be a handful: the traps are the top of a
+  heavy-tailed entry distribution (i.i.d. Student-t entries, say), each one dominated by one
+  of its largest entries but with as large ones behind it.
+
+``clip_level`` = σ_rob · √(2 ln(rows·cols)), σ_rob = 1.4826·MAD of the entries (robust to the
+outliers themselves): the largest |entry| expected among that many Gaussian entries, so a
+clipped entry is no bigger than the biggest entry of a Gaussian matrix of the bulk's scale
+(a single entry makes a spike only above ≈ σ·(rows·cols)^¼, the BBP transition).
+
+Localisation: ``half_mass_entries`` = the fewest entries whose contributions, largest first,
+reach σ/2; ``entries`` lists up to CLIP_K of them, as (row, col) of the *original* matrix (the
+shuffle's permutation undone: one row = one output neuron, one column = one input feature).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import rsvd
+
+CLIP_K = 16  # entries clipped when testing the `entries` class, and listed per trap
+TRAP_CLASSES = ("mean", "entries", "tail")
+MAD_SAMPLE = 1 << 22  # entries the robust scale is estimated from (all when fewer)
+FULL_SORT_MAX = 1 << 25  # larger matrices: half mass searched among the top HALF_MASS_TOP
+HALF_MASS_TOP = 1 << 20
+EXACT_MAX_M = 1024  # below this a full SVD of S is cheaper than a sketch
+
+Counter = Callable[[torch.Tensor], int]  # number of eigenvalues of SᵀS above the threshold
+
+
+@dataclass(frozen=True)
+class TrapInfo:
+    """One trap: one row of ``traps.csv``."""
+
+    trap: int  # 1 = the largest trap of the matrix
+    eigenvalue: float  # of the shuffled matrix's Gram, in the units of trap_threshold
+    cls: str  # mean | entries | tail
+    half_mass_entries: int  # fewest original entries carrying half of the trap's σ
+    entries: tuple[tuple[int, int], ...]  # up to CLIP_K original (row, col), largest first
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    traps: tuple[TrapInfo, ...]
+    trap_entries: int  # distinct original entries behind the `entries` traps (the outliers)
+    trap_rows: int  # distinct original rows those entries sit in
+    trap_cols: int  # distinct original columns
+    outliers: tuple[tuple[int, int], ...]  # those entries, (row, col)
+
+    def count(self, cls: str) -> int:
+        return sum(t.cls == cls for t in self.traps)
+
+
+NO_TRAPS = Anatomy(traps=(), trap_entries=0, trap_rows=0, trap_cols=0, outliers=())
+
+
+def clip_level(W: torch.Tensor, generator: torch.Generator) -> float:
+    """σ_rob · √(2 ln n) of W's n entries, σ_rob = 1.4826 · median |w − median(w)| (from
+    MAD_SAMPLE entries drawn with ``generator`` when there are more)."""
+    flat = W.reshape(-1)
+    if flat.numel() > MAD_SAMPLE:
+        idx = torch.randint(flat.numel(), (MAD_SAMPLE,), generator=generator)
+        flat = flat[idx.to(flat.device)]
+    x = flat.to(torch.float64)
+    mad = float((x - x.median()).abs().median())
+    return 1.4826 * mad * math.sqrt(2 * math.log(max(W.numel(), 2)))
+
+
+def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], *, count: Counter,
+                 mean: float, remove_mean: bool, generator: torch.Generator) -> Anatomy:
+    """Anatomy of the traps of W (rows, cols) over its shuffles ``perms`` (flat permutations,
+    one per shuffle: WeightWatcher pools several for small matrices). ``count(S)`` counts the
+    eigenvalues of SᵀS above the rule's threshold; ``remove_mean``: the rule subtracts the
+    entries' mean before counting (then no trap is of class ``mean``)."""
+    level = clip_level(W, generator)
+    infos: list[tuple[float, str, int, torch.Tensor, torch.Tensor]] = []
+    outliers: set[int] = set()
+    for perm in perms:
+        S = W.reshape(-1).to(torch.float64)[perm].view(W.shape)  # the rule's shuffle
+        S0 = S - mean
+        found, out = _one_shuffle(S, S0, count, level, remove_mean=remove_mean,
+                                  generator=generator)
+        infos.extend((ev, cls, half, top, perm) for ev, cls, half, top in found)
+        outliers.update(int(perm[i]) for i in out)
+    infos.sort(key=lambda t: -t[0])
+    cols = W.shape[1]
+    traps = tuple(TrapInfo(trap=n + 1, eigenvalue=ev, cls=cls, half_mass_entries=half,
+                           entries=tuple(divmod(int(perm[i]), cols) for i in top))
+                  for n, (ev, cls, half, top, perm) in enumerate(infos))
+    where = sorted(divmod(f, cols) for f in outliers)
+    return Anatomy(traps=traps, trap_entries=len(where), trap_rows=len({r for r, _ in where}),
+                   trap_cols=len({c for _, c in where}), outliers=tuple(where))
+
+
+def _one_shuffle(S: torch.Tensor, S0: torch.Tensor, count: Counter, level: float, *,
+                 remove_mean: bool, generator: torch.Generator):
+    """[(eigenvalue, class, half mass, top entries as flat shuffled indices)], and the flat
+    shuffled indices of the outliers behind the `entries` traps."""
+    base = S0 if remove_mean else S
+    n_all = count(base)
+    if n_all == 0:
+        return [], []
+    n_rest = n_all if remove_mean else count(S0)
+    n_mean = min(1, max(0, n_all - n_rest))
+    U, s, V = _triplets(base, n_all, generator)
+    found, outliers = [], []
+    handful = int((S0.abs() > level).sum()) <= CLIP_K * max(n_rest, 1)
+    evs = [float(x) ** 2 for x in s]  # the traps' eigenvalues, of the rule's own matrix
+    if n_mean:
+        j = int(torch.argmax(U.sum(0).abs() * V.sum(0).abs()))
+        found.append((evs.pop(j), "mean", *_localise(base, U[:, j], V[:, j])))
+    if n_rest:  # the other traps' vectors come from S0, where the mean's spike is gone
+        U0, _, V0 = (U, s, V) if remove_mean else _triplets(S0, n_rest, generator)
+        for t in range(n_rest):
+            half, top = _localise(S0, U0[:, t], V0[:, t])
+            clipped = _clip_top(S0, U0[:, t], V0[:, t], level)
+            drops = handful and count(clipped) < n_rest
+            if drops:
+                outliers.extend(int(i) for i in _changed(S0, clipped))
+            found.append((evs[t], "entries" if drops else "tail", half, top))
+    return found, outliers
+
+
+def _triplets(S: torch.Tensor, k: int, generator: torch.Generator):
+    if min(S.shape) < EXACT_MAX_M:
+        U, s, Vh = torch.linalg.svd(S, full_matrices=False)
+        return U[:, :k], s[:k], Vh[:k].T
+    return rsvd.top_singular_triplets(S, k, generator=generator)
+
+
+def _contributions(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """c (rows·cols,): entry (i, j)'s share uᵢ Sᵢⱼ vⱼ of σ = uᵀSv, signed so that Σc = σ > 0."""
+    c = (u[:, None] * S * v[None, :]).reshape(-1)
+    return c if float(c.sum()) >= 0 else -c
+
+
+def _localise(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(half_mass_entries, the CLIP_K largest contributions' flat indices, largest first)."""
+    c = _contributions(S, u, v)
+    half = float(c.sum()) / 2
+    if c.numel() <= FULL_SORT_MAX:
+        srt = torch.sort(c, descending=True)
+    else:
+        srt = torch.topk(c, HALF_MASS_TOP)
+    reached = torch.nonzero(torch.cumsum(srt.values, 0) >= half)
+    n_half = int(reached[0]) + 1 if len(reached) else len(srt.values)
+    return n_half, srt.indices[:CLIP_K]
+
+
+def _clip_top(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor, level: float) -> torch.Tensor:
+    """S with the CLIP_K entries of largest |contribution| clipped to ±level."""
+    idx = torch.topk(_contributions(S, u, v).abs(), min(CLIP_K, S.numel())).indices
+    out = S.clone().reshape(-1)
+    out[idx] = out[idx].clamp(-level, level)
+    return out.view(S.shape)
+
+
+def _changed(S: torch.Tensor, clipped: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero((S != clipped).reshape(-1)).flatten()
