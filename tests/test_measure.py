@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from toy_experiments import measure
-from toy_experiments.data import DataNotFound, Split, locate, read_idx, stratified_subset
+from toy_experiments.data import DataNotFound, locate, notebook_indices, read_idx
 
 
 def _tiny():
@@ -95,19 +95,22 @@ def _write_idx(path, arr):
     path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
 
 
-def test_read_idx_and_stratified_subset(tmp_path):
+def test_read_idx(tmp_path):
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     _write_idx(tmp_path / "x.gz", arr)
     assert (read_idx(tmp_path / "x.gz") == arr).all()
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError):
         read_idx(tmp_path / "bad")
-    y = torch.arange(10).repeat(7)  # 7 of each class
-    s = stratified_subset(Split(x=torch.arange(70.0)[:, None], y=y), per_class=3, seed=0)
-    assert torch.bincount(s.y).tolist() == [3] * 10
-    assert bool((s.x[:, 0].long() % 10 == s.y).all())  # images stay with their labels
-    again = stratified_subset(Split(x=torch.arange(70.0)[:, None], y=y), per_class=3, seed=0)
-    assert torch.equal(s.x, again.x)
+
+
+def test_notebook_indices_are_numpys_draw():
+    labels = np.arange(10).repeat(7)[np.random.RandomState(3).permutation(70)]
+    idx = notebook_indices(labels, per_class=3, seed=0)
+    np.random.seed(0)  # the notebook's own calls, on numpy's global stream
+    expected = [np.random.choice(np.where(labels == d)[0], 3, replace=False) for d in range(10)]
+    assert idx.tolist() == np.concatenate(expected).tolist()
+    assert labels[idx].tolist() == np.arange(10).repeat(3).tolist()
 
 
 def test_locate_order(tmp_path, monkeypatch):
@@ -118,4 +121,4 @@ def test_locate_order(tmp_path, monkeypatch):
         (tmp_path / (stem + ".gz")).write_bytes(b"")
     assert locate(tmp_path) == tmp_path
     monkeypatch.setenv("MNIST_DIR", str(tmp_path))
-    assert locate(None, allow_download=False) == tmp_path
+    assert locate(None) == tmp_path

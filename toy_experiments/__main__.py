@@ -1,4 +1,4 @@
-"""python -m toy_experiments {mnist,modadd} --preset {smoke,quick,paper} --out DIR [options]."""
+"""python -m toy_experiments {mnist,modadd} --preset NAME --out DIR [options]."""
 
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m toy_experiments",
                                  description="Toy reproductions of anti-grokking, audited.")
     sub = ap.add_subparsers(dest="experiment", required=True)
-    m = sub.add_parser("mnist", help="MNIST MLP3 (784-200-200-10), 1000 training images")
-    add_run_arguments(m, seed_help="init / batch-order / audit seed")
+    m = sub.add_parser("mnist", help="MNIST MLP3 (784-200-200-10), the authors' recipe")
+    add_run_arguments(m, seed_help="the notebook's torch.manual_seed (init, batch order)",
+                      presets=("smoke", "notebook", "collapse", "control"))
+    m.add_argument("--lr", type=float, default=None,
+                   help="constant AdamW lr; the preset's lr*steps is kept unless --steps")
+    m.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
     m.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files "
-                   "(default: $MNIST_DIR, then torchvision's cache, then a download)")
-    m.add_argument("--trap-rule", choices=("ww", "tw"), default="ww",
-                   help="rule of history's num_traps (layers.csv holds both)")
+                   "(default: $MNIST_DIR, then torchvision's cache folders)")
     m.add_argument("--time-limit", type=float, default=None, metavar="MIN",
                    help="stop after MIN minutes of training (checkpointed: rerun to resume)")
     from .modadd_cli import add_parser as add_modadd
@@ -46,17 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from . import mnist
     from .data import DataNotFound
+    from .measure import print_progress
     from .mnist_report import describe, phases
 
-    run = mnist.Run(preset=mnist.preset_with(args.preset, args.steps), out=args.out,
-                    seed=args.seed, device=_device(args.device), data_dir=args.data_dir,
-                    trap_rule=args.trap_rule,
+    preset = mnist.preset_with(args.preset, args.steps, args.lr, args.weight_decay)
+    run = mnist.Run(preset=preset, out=args.out, seed=args.seed, device=_device(args.device),
+                    data_dir=args.data_dir,
                     time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
     print(f"mnist preset={args.preset} {run.preset} seed={args.seed} device={run.device} "
           f"out={args.out}", flush=True)
     t0 = time.perf_counter()
     try:
-        mnist.train(run)
+        mnist.train(run, progress=print_progress)
     except DataNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

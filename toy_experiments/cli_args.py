@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 
 
-def add_run_arguments(p: argparse.ArgumentParser, seed_help: str) -> None:
+def add_run_arguments(p: argparse.ArgumentParser, seed_help: str,
+                      presets: tuple[str, ...] = ("smoke", "quick", "paper")) -> None:
     """--preset, --out, --steps, --seed, --device, --threads."""
-    p.add_argument("--preset", choices=("smoke", "quick", "paper"), default="smoke")
+    p.add_argument("--preset", choices=presets, default="smoke")
     p.add_argument("--out", required=True, type=Path, help="output folder (resumes if it holds "
                    "a checkpoint.pt of an earlier run)")
     p.add_argument("--steps", type=int, default=None, help="override the preset's step count")

@@ -1,8 +1,8 @@
-"""MNIST from the standard IDX files, and the paper's stratified 1000-sample training subset.
+"""MNIST from the standard IDX files, and the authors' 1000-image training subset.
 
 Where the files are looked for, in order: ``--data-dir``; ``$MNIST_DIR``; torchvision's cache
-(``~/.cache/torchvision``-style ``<root>/MNIST/raw`` folders, also ``$TORCH_HOME``); and last a
-download with torchvision when it is installed and the machine is online.
+(``~/.cache/torchvision``-style ``<root>/MNIST/raw`` folders, also ``$TORCH_HOME``). Nothing is
+downloaded: get the four IDX files once (e.g. torchvision's ``MNIST(root, download=True)``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _torchvision_roots() -> list[Path]:
     return [r / sub for r in roots for sub in ("MNIST/raw", "datasets/MNIST/raw", "mnist")]
 
 
-def locate(data_dir: str | Path | None = None, *, allow_download: bool = True) -> Path:
+def locate(data_dir: str | Path | None = None) -> Path:
     """The folder holding the four IDX files (see the module docstring for the order)."""
     if data_dir is not None:
         if not _has_all(Path(data_dir)):
@@ -79,52 +79,32 @@ def locate(data_dir: str | Path | None = None, *, allow_download: bool = True) -
     for c in candidates:
         if _has_all(c):
             return c
-    if allow_download:
-        return _download()
-    raise DataNotFound("MNIST not found: pass --data-dir or set $MNIST_DIR")
+    raise DataNotFound("MNIST not found: pass --data-dir or set $MNIST_DIR to a folder with "
+                       f"the four IDX files ({', '.join(FILES.values())}[.gz])")
 
 
-def _download() -> Path:
-    try:
-        from torchvision.datasets import MNIST  # optional dependency
-    except ImportError as e:
-        raise DataNotFound("MNIST not found (--data-dir, $MNIST_DIR, torchvision cache) and "
-                           "torchvision is not installed to download it") from e
-    root = Path.home() / ".cache" / "torchvision"
-    MNIST(str(root), train=True, download=True)
-    MNIST(str(root), train=False, download=True)
-    return root / "MNIST" / "raw"
-
-
-def load_split(folder: Path, train: bool) -> Split:
+def load_split(folder: Path, train: bool, dtype: torch.dtype = torch.float32) -> Split:
+    """Pixels as ``ToTensor()`` gives them: uint8 → ``dtype`` (the default dtype there), / 255."""
     kind = "train" if train else "test"
     images = read_idx(_find(folder, FILES[f"{kind}_images"]))
     labels = read_idx(_find(folder, FILES[f"{kind}_labels"]))
-    x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    x = torch.from_numpy(images.reshape(len(images), -1).copy()).to(dtype).div_(255)
     return Split(x=x, y=torch.from_numpy(labels.astype(np.int64)))
 
 
-def stratified_subset(split: Split, per_class: int, seed: int = 0) -> Split:
-    """``per_class`` samples of each class, drawn without replacement with a seeded generator
-    (the paper: 100 per class, seed 0), kept in class order then shuffled with the same seed."""
-    g = torch.Generator().manual_seed(seed)
-    idx = []
-    for c in range(int(split.y.max()) + 1):
-        members = torch.nonzero(split.y == c).flatten()
-        if len(members) < per_class:
-            raise ValueError(f"class {c} has {len(members)} samples < {per_class}")
-        idx.append(members[torch.randperm(len(members), generator=g)[:per_class]])
-    order = torch.cat(idx)
-    order = order[torch.randperm(len(order), generator=g)]
-    return Split(x=split.x[order], y=split.y[order])
+def notebook_indices(labels: np.ndarray, per_class: int = 100, seed: int = 0) -> np.ndarray:
+    """The authors' subset: ``np.random.seed(seed)``, then for digits 0..9 in order
+    ``np.random.choice(indices_of_digit, per_class, replace=False)`` (legacy RandomState
+    stream, drawn here from its own ``RandomState`` instead of numpy's global one)."""
+    rs = np.random.RandomState(seed)
+    return np.concatenate([rs.choice(np.where(labels == d)[0], per_class, replace=False)
+                           for d in range(10)])
 
 
-def mnist_subsets(data_dir: str | Path | None = None, per_class: int = 100, seed: int = 0,
-                  n_test: int | None = None) -> tuple[Split, Split]:
-    """(train subset of 10·per_class images, test set or its first ``n_test`` images)."""
+def notebook_subsets(data_dir: str | Path | None = None, dtype: torch.dtype = torch.float64,
+                     per_class: int = 100, seed: int = 0) -> tuple[Split, Split]:
+    """(the notebook's training subset in its order, the full 10k test set), in ``dtype``."""
     folder = locate(data_dir)
-    train = stratified_subset(load_split(folder, train=True), per_class, seed)
-    test = load_split(folder, train=False)
-    if n_test is not None:
-        test = Split(x=test.x[:n_test], y=test.y[:n_test])
-    return train, test
+    full = load_split(folder, train=True, dtype=dtype)
+    idx = torch.from_numpy(notebook_indices(full.y.numpy(), per_class, seed))
+    return Split(x=full.x[idx], y=full.y[idx]), load_split(folder, train=False, dtype=dtype)

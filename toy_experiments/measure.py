@@ -26,15 +26,16 @@ import torch
 from safetensors.torch import save_file
 
 from llm_audit import AuditOptions, monitor_weights
+from llm_audit.records import trap_table_rows
 
 from .figures import plot_accuracy, plot_layer_metric, plot_prototypes, plot_signals
 
 __all__ = [
     "AUDIT_COLUMNS", "LAYER_COLUMNS", "SIGNAL_COLUMNS", "Forward", "abs_weight_entropy",
     "activation_sparsity", "append_csv", "audit_rows", "circuit_complexity", "comparison_signals",
-    "l2_norm", "log_schedule", "plot_accuracy", "plot_layer_metric", "plot_prototypes",
-    "plot_signals", "save_snapshot", "snapshot_path", "truncate_csv", "weight_tensors",
-    "zero_fraction",
+    "l2_norm", "log_schedule", "notebook_signals", "plot_accuracy", "plot_layer_metric",
+    "plot_prototypes", "plot_signals", "save_snapshot", "snapshot_path", "truncate_csv",
+    "weight_tensors", "zero_fraction",
 ]
 
 Forward = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
@@ -127,18 +128,52 @@ def comparison_signals(model: torch.nn.Module, x: torch.Tensor, forward: Forward
                 circuit_complexity=circuit_complexity(model, x, forward, generator, fraction))
 
 
+@torch.no_grad()
+def notebook_signals(model: torch.nn.Module, x: torch.Tensor, *, generator: torch.Generator,
+                     first: str = "fc1", tau: float = 1.0, p: float = 0.5) -> dict[str, float]:
+    """The comparison signals as the authors' notebook computes them (``progress_measures``)
+    on one fixed batch ``x`` of training images, keyed by ``SIGNAL_COLUMNS``:
+
+    - activation sparsity: the fraction of the first ReLU's outputs below ``tau`` (= 1);
+    - absolute weight entropy of the first layer: −Σ |w| ln(|w| + 1e-8);
+    - circuit complexity: mean over the batch of KL(softmax f_W(x) ‖ softmax f_W'(x)), with
+      W' = ``F.dropout(W, p)`` on every weight matrix (biases kept): entries zeroed with
+      probability p, the rest × 1/(1 − p); 1e-8 added to both softmaxes; the dropout mask
+      from ``generator`` (the notebook draws it from the global RNG);
+    - the ℓ2 norm of all parameters.
+    """
+    lin = getattr(model, first)
+    h = torch.relu(lin(x))
+    w = lin.weight.abs()
+    pruned = copy.deepcopy(model)
+    for name, q in pruned.named_parameters():
+        if name.endswith("weight"):
+            keep = torch.rand(q.shape, generator=generator, device=generator.device) >= p
+            q.mul_(keep.to(q.device, q.dtype) / (1 - p))
+    p1 = torch.softmax(model(x), dim=1) + 1e-8
+    p2 = torch.softmax(pruned(x), dim=1) + 1e-8
+    return dict(l2_norm=l2_norm(model),
+                activation_sparsity=float((h < tau).double().mean()),
+                abs_weight_entropy=-float((w * torch.log(w + 1e-8)).sum()),
+                circuit_complexity=float((p1 * (p1.log() - p2.log())).sum(1).mean()))
+
+
 # ---------------------------------------------------------------- audit
 
 def audit_rows(model: torch.nn.Module | dict, step: int, options: AuditOptions | None = None,
-               *, min_evals: int = 1) -> tuple[dict, list[dict]]:
+               *, min_evals: int = 1,
+               columns: Sequence[str] = LAYER_COLUMNS) -> tuple[dict, list[dict]]:
     """Audit the current weights with ``llm_audit.monitor_weights``.
 
-    Returns (history fields ``mean_alpha``, ``num_traps`` + ``alert``, one dict per layer with
-    ``LAYER_COLUMNS``).
+    Returns (history fields ``mean_alpha``, ``num_traps`` + ``alert``, and ``traps``: the rows
+    of traps.csv of every layer; one dict per layer with
+    those of ``columns`` that are fields of the audit's rows, and ``step``).
     """
     report = monitor_weights(model, options=options, min_evals=min_evals)
-    hist = dict(mean_alpha=report.mean_alpha, num_traps=report.total_traps, alert=report.alert)
-    layers = [{c: (step if c == "step" else getattr(r, c)) for c in LAYER_COLUMNS}
+    rule = (options or AuditOptions()).trap_rule
+    hist = dict(mean_alpha=report.mean_alpha, num_traps=report.total_traps, alert=report.alert,
+                traps=[t for r in report.layers for t in trap_table_rows(r, rule)])
+    layers = [{"step": step, **{c: getattr(r, c) for c in columns if hasattr(r, c)}}
               for r in report.layers]
     return hist, layers
 
@@ -163,16 +198,22 @@ def truncate_csv(path: Path, last_step: int) -> None:
         df[df["step"] <= last_step].to_csv(path, index=False)
 
 
-def snapshot_path(out_dir: Path, step: int) -> Path:
-    return Path(out_dir) / "snapshots" / f"step_{step:09d}.safetensors"
+def snapshot_path(out_dir: Path, step: int | str) -> Path:
+    name = f"step_{step:09d}" if isinstance(step, int) else step
+    return Path(out_dir) / "snapshots" / f"{name}.safetensors"
 
 
-def save_snapshot(model: torch.nn.Module, out_dir: Path, step: int) -> Path:
-    """Save the weights at ``step`` as ``out_dir/snapshots/step_XXXXXXXXX.safetensors``."""
+def save_snapshot(model: torch.nn.Module, out_dir: Path, step: int | str,
+                  dtype: torch.dtype | None = None) -> Path:
+    """Save the weights at ``step`` as ``out_dir/snapshots/step_XXXXXXXXX.safetensors`` (or
+    ``<step>.safetensors`` for a name such as "best"), cast to ``dtype`` if given."""
     path = snapshot_path(out_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"step": str(step)})
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    tmp.replace(path)
     return path
 
 

@@ -49,16 +49,15 @@ def _marks(ph: dict) -> dict[str, int]:
     return {label: ph[k] for label, k in keys.items() if ph.get(k)}
 
 
-def _fc1(out: Path, step: int):
+def _fc1(out: Path, step: int | str):
     path = snapshot_path(out, step)
     return load_file(str(path))["fc1.weight"] if path.exists() else None
 
 
-def prototype_steps(history: pd.DataFrame, ph: dict) -> dict[str, int]:
-    """Steps to show: start of training, the test peak ('before the collapse'), the end."""
-    first = int(history.loc[history["step"] > 0, "step"].min())
-    return {f"step {first} (start)": first,
-            f"step {ph['test_peak_step']} (test peak)": ph["test_peak_step"],
+def prototype_steps(history: pd.DataFrame, ph: dict) -> dict[str, int | str]:
+    """Snapshots to show: the start, the test peak ('best', saved at each new best test
+    accuracy: before the collapse), the end (in the collapse, if there is one)."""
+    return {"step 0 (init)": 0, f"step {ph['test_peak_step']} (test peak)": "best",
             f"step {ph['final_step']} (end)": ph["final_step"]}
 
 
