@@ -25,7 +25,7 @@ clipped entry is no bigger than the biggest entry of a Gaussian matrix of the bu
 (a single entry makes a spike only above ≈ σ·(rows·cols)^¼, the BBP transition).
 
 Localisation: ``half_mass_entries`` = the fewest entries whose contributions, largest first,
-reach σ/2; ``entries`` lists up to CLIP_K of them, as (row, col) of the *original* matrix (the
+reach σ/2; ``entries`` lists them (at most CLIP_K), as (row, col) of the *original* matrix (the
 shuffle's permutation undone: one row = one output neuron, one column = one input feature).
 """
 
@@ -57,7 +57,7 @@ class TrapInfo:
     eigenvalue: float  # of the shuffled matrix's Gram, in the units of trap_threshold
     cls: str  # mean | entries | tail
     half_mass_entries: int  # fewest original entries carrying half of the trap's σ
-    entries: tuple[tuple[int, int], ...]  # up to CLIP_K original (row, col), largest first
+    entries: tuple[tuple[int, int], ...]  # the half-mass entries (at most CLIP_K), largest first
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def _localise(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[int, t
         srt = torch.topk(c, HALF_MASS_TOP)
     reached = torch.nonzero(torch.cumsum(srt.values, 0) >= half)
     n_half = int(reached[0]) + 1 if len(reached) else len(srt.values)
-    return n_half, srt.indices[:CLIP_K]
+    return n_half, srt.indices[:min(n_half, CLIP_K)]
 
 
 def _clip_top(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor, level: float) -> torch.Tensor:

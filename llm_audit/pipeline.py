@@ -82,7 +82,7 @@ def audit(source: str | Path, *, allow_pickle: bool = False,
         rows = list(iter_audit(jobs, opts, progress=progress, journal=journal, model=ckpt.name))
     result = assemble(ckpt, opts, rows, skipped, time.perf_counter() - t0)
     if max_spectra > 0:
-        spectra = collect_spectra(jobs, result.details, opts, max_spectra)
+        spectra = collect_spectra(jobs, result.details, opts, max_spectra, traps=result.traps)
         result = dataclasses.replace(result, spectra=spectra)
     return result
 
@@ -277,7 +277,8 @@ def summarise(ckpt: Checkpoint, opts: AuditOptions, details: pd.DataFrame,
 
 
 def collect_spectra(jobs: list[MatrixJob], details: pd.DataFrame, opts: AuditOptions,
-                    limit: int = MAX_SPECTRA) -> tuple[Spectra, ...]:
+                    limit: int = MAX_SPECTRA, traps: pd.DataFrame | None = None
+                    ) -> tuple[Spectra, ...]:
     """Re-read the most suspicious matrices and compute their spectra for the figures."""
     wanted = dict(suspicious(details, limit))
     if not wanted:
@@ -294,8 +295,9 @@ def collect_spectra(jobs: list[MatrixJob], details: pd.DataFrame, opts: AuditOpt
                 for m in decode(job, reader, device):
                     name = m.name
                     if name in wanted:
-                        found[name] = compute_spectra(m.W, rows[name], wanted[name], opts,
-                                                      shuffle_key=_shuffle_key(m))
+                        found[name] = compute_spectra(
+                            m.W, rows[name], wanted[name], opts, shuffle_key=_shuffle_key(m),
+                            traps=None if traps is None else traps[traps["name"] == name])
             except (AuditError, RuntimeError) as e:
                 log.warning("%s: no spectrum for the report: %s", job.name, e)
     return tuple(found[n] for n in wanted if n in found)

@@ -36,6 +36,9 @@ class Spectra:
     rand_bulk_max: float  # MP edge of the shuffled ESD
     trap_threshold: float
     rand_num_spikes: int
+    shape: tuple[int, int] = (0, 0)  # (rows, cols) as stored: where trap entries sit
+    trap_classes: tuple[tuple[float, str], ...] = ()  # (eigenvalue, class) per trap
+    trap_locations: tuple[tuple[int, int, str], ...] = ()  # (row, col, class) of listed entries
 
 
 def suspicious(details: pd.DataFrame, limit: int = MAX_SPECTRA) -> list[tuple[str, str]]:
@@ -58,9 +61,10 @@ def suspicious(details: pd.DataFrame, limit: int = MAX_SPECTRA) -> list[tuple[st
 
 
 def compute_spectra(W: torch.Tensor, row: pd.Series, reason: str, opts: AuditOptions, *,
-                    shuffle_key: str | None = None) -> Spectra:
+                    shuffle_key: str | None = None, traps: pd.DataFrame | None = None
+                    ) -> Spectra:
     """The ESD and shuffled ESD of W, and the row's fitted marks; empty spectra if W is not
-    finite (a failed matrix)."""
+    finite (a failed matrix). `traps`: this matrix's rows of traps.csv (classes, entries)."""
     N, M = max(W.shape), min(W.shape)
     evals: tuple[float, ...] = ()
     rand: tuple[float, ...] = ()
@@ -73,7 +77,18 @@ def compute_spectra(W: torch.Tensor, row: pd.Series, reason: str, opts: AuditOpt
                    num_pl_spikes=int(row["num_pl_spikes"]),
                    rand_bulk_max=_f(row["rand_bulk_max"]),
                    trap_threshold=_f(row["trap_threshold"]),
-                   rand_num_spikes=int(row["rand_num_spikes"]))
+                   rand_num_spikes=int(row["rand_num_spikes"]), shape=tuple(W.shape),
+                   **_trap_marks(traps))
+
+
+def _trap_marks(traps: pd.DataFrame | None) -> dict:
+    if traps is None or not len(traps):
+        return {}
+    recs = traps.to_dict("records")
+    locs = tuple((int(r), int(c), str(t["class"])) for t in recs
+                 for r, c in (e.split(":") for e in str(t["entries"]).split()))
+    return dict(trap_classes=tuple((float(t["eigenvalue"]), str(t["class"])) for t in recs),
+                trap_locations=locs)
 
 
 def _shuffled_esd(W: torch.Tensor, name: str, opts: AuditOptions) -> list[float]:

@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                                  description="Toy reproductions of anti-grokking, audited.")
     sub = ap.add_subparsers(dest="experiment", required=True)
     m = sub.add_parser("mnist", help="MNIST MLP3 (784-200-200-10), the authors' recipe")
-    add_run_arguments(m, seed_help="the notebook's torch.manual_seed (init, batch order)",
+    add_run_arguments(m, seed_help="the notebook's seed: np.random.seed (subset) and "
+                      "torch.manual_seed (init, batches)",
                       presets=("smoke", "notebook", "collapse", "control"))
     m.add_argument("--lr", type=float, default=None,
                    help="constant AdamW lr; the preset's lr*steps is kept unless --steps")

@@ -108,7 +108,7 @@ class Data:
 
 def load_data(run: Run, order: torch.Tensor, fixed: torch.Tensor) -> Data:
     dtype = getattr(torch, run.preset.dtype)
-    tr, te = notebook_subsets(run.data_dir, dtype=dtype)
+    tr, te = notebook_subsets(run.data_dir, dtype=dtype, seed=run.seed)
     train = Split(tr.x.to(run.device), tr.y.to(run.device))
     test = Split(te.x.to(run.device), te.y.to(run.device))
     onehot = nn.functional.one_hot(train.y, 10).to(dtype)

@@ -115,13 +115,53 @@ def _ticks(ax, table: pd.DataFrame) -> None:
         axis(pos, [str(int(labels[p])) for p in pos])
 
 
+CLASS_COLORS = {"mean": "tab:purple", "entries": "tab:red", "tail": "tab:orange"}
+IMAGE_SIDE = 28  # a 784-wide input dimension is drawn as a 28 × 28 image (MNIST pixels)
+
+
 def _spectra_figure(sp: Spectra, i: int) -> Figure:
-    fig = MplFigure(figsize=(9, 3.3))
-    a1, a2 = fig.subplots(1, 2)
-    _esd_panel(a1, sp)
-    _shuffled_panel(a2, sp)
+    where = bool(sp.trap_locations)
+    image = where and IMAGE_SIDE ** 2 in sp.shape
+    n = 2 + where + image
+    fig = MplFigure(figsize=(4.5 * n, 3.3))
+    axes = fig.subplots(1, n)
+    _esd_panel(axes[0], sp)
+    _shuffled_panel(axes[1], sp)
+    if where:
+        _where_panel(axes[2], sp)
+    if image:
+        _input_image_panel(axes[3], sp)
     fig.suptitle(_short(sp.name, 90), fontsize=9)
     return Figure(f"spectra_{i:02d}", sp.name, _png(fig), sp.reason)
+
+
+def _where_panel(ax, sp: Spectra) -> None:
+    """The original entries each trap's contribution is largest on (traps.csv's `entries`)."""
+    rows, cols = sp.shape
+    for cls, color in CLASS_COLORS.items():
+        pts = [(c, r) for r, c, k in sp.trap_locations if k == cls]
+        if pts:
+            x, y = zip(*pts, strict=True)
+            ax.scatter(x, y, s=9, color=color, label=cls, alpha=0.7)
+    ax.set_xlim(-0.5, cols - 0.5)
+    ax.set_ylim(rows - 0.5, -0.5)
+    ax.set_xlabel(f"column (input, of {cols})")
+    ax.set_ylabel(f"row (output, of {rows})")
+    ax.set_title("where the trap entries sit (original matrix)")
+    ax.legend(fontsize=7)
+
+
+def _input_image_panel(ax, sp: Spectra) -> None:
+    """How often each of 784 inputs carries a trap entry, as a 28 × 28 image."""
+    axis = 1 if sp.shape[1] == IMAGE_SIDE ** 2 else 0
+    counts = np.zeros(IMAGE_SIDE ** 2)
+    for r, c, _ in sp.trap_locations:
+        counts[c if axis == 1 else r] += 1
+    im = ax.imshow(counts.reshape(IMAGE_SIDE, IMAGE_SIDE), cmap="Reds", interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("inputs of the trap entries (28 × 28)")
+    ax.figure.colorbar(im, ax=ax, shrink=0.8)
 
 
 def _esd_panel(ax, sp: Spectra) -> None:
@@ -161,11 +201,23 @@ def _shuffled_panel(ax, sp: Spectra) -> None:
                 color="tab:green", lw=1.5, label="MP density")
         ax.axvline(sp.rand_bulk_max, color="tab:green", ls="--", lw=0.8, label="MP edge")
     traps = lam[lam > sp.trap_threshold] if math.isfinite(sp.trap_threshold) else lam[:0]
-    for k, v in enumerate(traps):
-        ax.axvline(v, color="tab:red", lw=1.2, label="trap" if k == 0 else None)
+    classes = _classes_of(traps, sp.trap_classes)
+    seen = set()
+    for v, cls in zip(traps, classes, strict=True):
+        label = f"trap: {cls}" if cls not in seen else None
+        seen.add(cls)
+        ax.axvline(v, color=CLASS_COLORS.get(cls, "tab:red"), lw=1.2, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("λ (shuffled W), log scale")
     ax.legend(fontsize=7)
+
+
+def _classes_of(traps: np.ndarray, known: tuple[tuple[float, str], ...]) -> list[str]:
+    """The class of each drawn trap eigenvalue: the anatomy's eigenvalue nearest to it."""
+    if not known:
+        return ["?"] * len(traps)
+    ev = np.array([e for e, _ in known])
+    return [known[int(np.argmin(np.abs(ev - v)))][1] for v in traps]
 
 
 def mp_density(x: np.ndarray, bulk_max: float, Q: float) -> np.ndarray:

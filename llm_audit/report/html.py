@@ -15,10 +15,12 @@ import pandas as pd
 from .figures import Figure
 
 TABLE_COLUMNS = ("name", "layer", "module", "expert", "N", "M", "dtype", "alpha", "D",
-                 "num_pl_spikes", "log_norm", "rand_num_spikes", "max_rand_eval",
-                 "rand_bulk_max", "max_abs_w_over_std", "warning", "status")
+                 "num_pl_spikes", "log_norm", "rand_num_spikes", "traps_mean", "traps_entries",
+                 "traps_tail", "trap_entries", "max_rand_eval", "rand_bulk_max",
+                 "max_abs_w_over_std", "warning", "status")
 NUMERIC = {"layer", "expert", "N", "M", "alpha", "D", "num_pl_spikes", "log_norm",
-           "rand_num_spikes", "max_rand_eval", "rand_bulk_max", "max_abs_w_over_std"}
+           "rand_num_spikes", "traps_mean", "traps_entries", "traps_tail", "trap_entries",
+           "max_rand_eval", "rand_bulk_max", "max_abs_w_over_std"}
 
 
 def environment() -> jinja2.Environment:
@@ -51,6 +53,7 @@ def summary_items(s: dict) -> list[tuple[str, str]]:
              ("over-trained (α < 2)", s.get("num_over_trained")),
              ("under-trained (α > 6)", s.get("num_under_trained")),
              ("correlation traps (total)", s.get("total_traps")),
+             ("traps by class", trap_classes_text(s)),
              ("matrices with traps", s.get("matrices_with_traps"))]
     opts = s.get("options") or {}
     if "trap_rule" in opts:
@@ -60,6 +63,12 @@ def summary_items(s: dict) -> list[tuple[str, str]]:
     if "elapsed_seconds" in s:
         items.append(("elapsed", elapsed_text(s)))
     return [(k, "—" if v is None else str(v)) for k, v in items]
+
+
+def trap_classes_text(s: dict) -> str | None:
+    """'mean 1, entries 4, tail 0' (see README, How to read traps)."""
+    by = s.get("traps_by_class")
+    return None if by is None else ", ".join(f"{k} {v}" for k, v in by.items())
 
 
 def precision_text(s: dict) -> str:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .html import elapsed_text, precision_text
+from .html import elapsed_text, precision_text, trap_classes_text
 from .html import fmt as _fmt
 
 TABLE_COLUMNS = ("name", "layer", "module", "expert", "N", "M", "alpha", "D", "num_pl_spikes",
-                 "log_norm", "rand_num_spikes", "max_rand_eval", "rand_bulk_max", "warning")
+                 "log_norm", "rand_num_spikes", "traps_mean", "traps_entries", "traps_tail",
+                 "max_rand_eval", "rand_bulk_max", "warning")
 MAX_FLAGGED_ROWS = 50
 MAX_TABLE_ROWS = 300
 
@@ -75,6 +76,7 @@ def _summary_table(s: dict) -> list[str]:
         ("over-trained (α < 2)", s["num_over_trained"]),
         ("under-trained (α > 6)", s["num_under_trained"]),
         ("correlation traps (total)", s["total_traps"]),
+        ("traps by class (mean, entries, tail)", trap_classes_text(s)),
         ("matrices with traps", s["matrices_with_traps"]),
         ("trap rule", f"`{s['options']['trap_rule']}`"),
         ("eigenvalue precision", precision_text(s)),
@@ -83,7 +85,9 @@ def _summary_table(s: dict) -> list[str]:
     return (["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows] + [
         "", "α is the power-law exponent of the eigenvalue spectrum's tail (≈ 2 ideal, < 2 "
         "over-fit, > 6 under-trained); a correlation trap is an eigenvalue of the element-shuffled "
-        "matrix beyond its Marchenko–Pastur bulk.", ""])
+        "matrix beyond its Marchenko–Pastur bulk. Its class says what it is made of: `mean` (a "
+        "non-zero entry mean), `entries` (≤ 16 outlier entries, listed in traps.csv), `tail` (a "
+        "heavy-tailed entry distribution).", ""])
 
 
 def _table(df: pd.DataFrame, limit: int) -> list[str]:
