@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AuditError": "errors", "AuditOptions": "options", "AuditResult": "pipeline",
     "audit": "pipeline", "MatrixResult": "records", "MonitorReport": "monitor",
-    "monitor_weights": "monitor",
+    "monitor_weights": "monitor", "repair": "trap_repair", "repair_weights": "trap_repair",
 }
 __all__ = [*sorted(_EXPORTS), "__version__"]
 

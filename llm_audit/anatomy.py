@@ -61,18 +61,45 @@ class TrapInfo:
 
 
 @dataclass(frozen=True)
+class TrapComponent:
+    """A trap as a rank-1 piece of its shuffled matrix: σ u vᵀ in the coordinates of shuffle
+    ``perm`` (S = W.flatten()[perm]); what ``repair`` removes."""
+
+    cls: str
+    sigma: float
+    u: torch.Tensor  # (rows,)
+    v: torch.Tensor  # (cols,)
+    perm: torch.Tensor  # the flat permutation of the shuffle it lives in
+    outliers: tuple[int, ...]  # flat original indices clipped away by its `entries` test
+
+
+@dataclass(frozen=True)
 class Anatomy:
     traps: tuple[TrapInfo, ...]
     trap_entries: int  # distinct original entries behind the `entries` traps (the outliers)
     trap_rows: int  # distinct original rows those entries sit in
     trap_cols: int  # distinct original columns
     outliers: tuple[tuple[int, int], ...]  # those entries, (row, col)
+    components: tuple[TrapComponent, ...] = ()  # one per trap, in the order of `traps`
+    clip_level: float = math.nan  # the bulk scale the `entries` test clips to (± about mean)
 
     def count(self, cls: str) -> int:
         return sum(t.cls == cls for t in self.traps)
 
 
 NO_TRAPS = Anatomy(traps=(), trap_entries=0, trap_rows=0, trap_cols=0, outliers=())
+
+
+@dataclass(frozen=True)
+class _Found:
+    eigenvalue: float
+    cls: str
+    half: int
+    top: torch.Tensor  # flat shuffled indices of the listed entries
+    sigma: float
+    u: torch.Tensor
+    v: torch.Tensor
+    outliers: tuple[int, ...]  # flat shuffled indices changed by the clipping test
 
 
 def clip_level(W: torch.Tensor, generator: torch.Generator) -> float:
@@ -94,52 +121,53 @@ def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], *, count: Count
     eigenvalues of SᵀS above the rule's threshold; ``remove_mean``: the rule subtracts the
     entries' mean before counting (then no trap is of class ``mean``)."""
     level = clip_level(W, generator)
-    infos: list[tuple[float, str, int, torch.Tensor, torch.Tensor]] = []
-    outliers: set[int] = set()
+    found: list[tuple[_Found, torch.Tensor]] = []
     for perm in perms:
         S = W.reshape(-1).to(torch.float64)[perm].view(W.shape)  # the rule's shuffle
-        S0 = S - mean
-        found, out = _one_shuffle(S, S0, count, level, remove_mean=remove_mean,
-                                  generator=generator)
-        infos.extend((ev, cls, half, top, perm) for ev, cls, half, top in found)
-        outliers.update(int(perm[i]) for i in out)
-    infos.sort(key=lambda t: -t[0])
+        found += [(f, perm) for f in _one_shuffle(S, S - mean, count, level,
+                                                  remove_mean=remove_mean, generator=generator)]
+    found.sort(key=lambda fp: -fp[0].eigenvalue)
     cols = W.shape[1]
-    traps = tuple(TrapInfo(trap=n + 1, eigenvalue=ev, cls=cls, half_mass_entries=half,
-                           entries=tuple(divmod(int(perm[i]), cols) for i in top))
-                  for n, (ev, cls, half, top, perm) in enumerate(infos))
-    where = sorted(divmod(f, cols) for f in outliers)
+    traps = tuple(TrapInfo(trap=n + 1, eigenvalue=f.eigenvalue, cls=f.cls,
+                           half_mass_entries=f.half,
+                           entries=tuple(divmod(int(perm[i]), cols) for i in f.top))
+                  for n, (f, perm) in enumerate(found))
+    comps = tuple(TrapComponent(cls=f.cls, sigma=f.sigma, u=f.u, v=f.v, perm=perm,
+                                outliers=tuple(int(perm[i]) for i in f.outliers))
+                  for f, perm in found)
+    where = sorted({divmod(i, cols) for c in comps for i in c.outliers})
     return Anatomy(traps=traps, trap_entries=len(where), trap_rows=len({r for r, _ in where}),
-                   trap_cols=len({c for _, c in where}), outliers=tuple(where))
+                   trap_cols=len({c for _, c in where}), outliers=tuple(where),
+                   components=comps, clip_level=level)
 
 
 def _one_shuffle(S: torch.Tensor, S0: torch.Tensor, count: Counter, level: float, *,
-                 remove_mean: bool, generator: torch.Generator):
-    """[(eigenvalue, class, half mass, top entries as flat shuffled indices)], and the flat
-    shuffled indices of the outliers behind the `entries` traps."""
+                 remove_mean: bool, generator: torch.Generator) -> list[_Found]:
+    """The traps of one shuffle S (S0 = S − mean), classed and localised."""
     base = S0 if remove_mean else S
     n_all = count(base)
     if n_all == 0:
-        return [], []
+        return []
     n_rest = n_all if remove_mean else count(S0)
     n_mean = min(1, max(0, n_all - n_rest))
     U, s, V = _triplets(base, n_all, generator)
-    found, outliers = [], []
+    found = []
     handful = int((S0.abs() > level).sum()) <= CLIP_K * max(n_rest, 1)
     evs = [float(x) ** 2 for x in s]  # the traps' eigenvalues, of the rule's own matrix
     if n_mean:
         j = int(torch.argmax(U.sum(0).abs() * V.sum(0).abs()))
-        found.append((evs.pop(j), "mean", *_localise(base, U[:, j], V[:, j])))
+        found.append(_Found(evs.pop(j), "mean", *_localise(base, U[:, j], V[:, j]),
+                            sigma=float(s[j]), u=U[:, j], v=V[:, j], outliers=()))
     if n_rest:  # the other traps' vectors come from S0, where the mean's spike is gone
-        U0, _, V0 = (U, s, V) if remove_mean else _triplets(S0, n_rest, generator)
+        U0, s0, V0 = (U, s, V) if remove_mean else _triplets(S0, n_rest, generator)
         for t in range(n_rest):
             half, top = _localise(S0, U0[:, t], V0[:, t])
             clipped = _clip_top(S0, U0[:, t], V0[:, t], level)
             drops = handful and count(clipped) < n_rest
-            if drops:
-                outliers.extend(int(i) for i in _changed(S0, clipped))
-            found.append((evs[t], "entries" if drops else "tail", half, top))
-    return found, outliers
+            changed = tuple(int(i) for i in _changed(S0, clipped)) if drops else ()
+            found.append(_Found(evs[t], "entries" if drops else "tail", half, top,
+                                sigma=float(s0[t]), u=U0[:, t], v=V0[:, t], outliers=changed))
+    return found
 
 
 def _triplets(S: torch.Tensor, k: int, generator: torch.Generator):

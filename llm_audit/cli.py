@@ -158,7 +158,31 @@ def diff_command(a, b, out, **kw):
     return EXIT_OK
 
 
-SUBCOMMANDS = {"demo": demo_command, "diff": diff_command}
+@click.command(context_settings=_CTX)
+@click.argument("source")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the repaired checkpoint (never inside SOURCE).")
+@click.option("--method", default="clip", show_default=True,
+              type=click.Choice(["clip", "subtract"]),
+              help="clip: winsorize the trap entries to the bulk scale; subtract: remove each "
+                   "trap's rank-1 component of the shuffled matrix.")
+@click.option("--classes", default="entries,tail", show_default=True, metavar="LIST",
+              help="Trap classes to remove, comma-separated from mean,entries,tail.")
+@_audit_options
+def repair_command(source, out, method, classes, **kw):
+    """Write SOURCE (a local checkpoint) to --out without its correlation traps, re-audit it,
+    and write --out/repair.csv."""
+    from .trap_repair import describe, parse_classes, repair
+
+    _setup_logging(kw["debug"])
+    result = repair(source, out, method=method, classes=parse_classes(classes),
+                    **_options(kw))
+    if not kw["quiet"]:
+        click.echo(f"{describe(result.table)}; {out / 'repair.csv'}", err=True)
+    return EXIT_OK
+
+
+SUBCOMMANDS = {"demo": demo_command, "diff": diff_command, "repair": repair_command}
 
 
 def main(argv: list[str] | None = None) -> int:

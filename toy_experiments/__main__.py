@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--lr", type=float, default=None,
                    help="constant AdamW lr; the preset's lr*steps is kept unless --steps")
     m.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    m.add_argument("--trainer", choices=("fast", "plain"), default="fast",
+                   help="fast: FastMLP; plain: autograd + torch AdamW (the reference loop)")
     m.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files "
                    "(default: $MNIST_DIR, then torchvision's cache folders)")
     m.add_argument("--time-limit", type=float, default=None, metavar="MIN",
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = mnist.preset_with(args.preset, args.steps, args.lr, args.weight_decay)
     run = mnist.Run(preset=preset, out=args.out, seed=args.seed, device=_device(args.device),
-                    data_dir=args.data_dir,
+                    data_dir=args.data_dir, trainer=args.trainer,
                     time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
     print(f"mnist preset={args.preset} {run.preset} seed={args.seed} device={run.device} "
           f"out={args.out}", flush=True)

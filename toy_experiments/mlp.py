@@ -152,3 +152,36 @@ class FastMLP:
         with torch.no_grad():
             self.flat.copy_(state["flat"])
         self.opt.load_state_dict(state["opt"])
+
+
+class PlainMLP:
+    """The reference trainer (what the notebook does): ``MLP3`` + autograd + torch's default
+    ``AdamW``, with ``FastMLP``'s interface. Same update up to float round-off: a whole run
+    with each shows how far round-off alone moves a chaotic trajectory."""
+
+    def __init__(self, state: dict[str, torch.Tensor], *, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 batch: int = 200, device: torch.device | str = "cpu"):
+        self.model = MLP3(dtype=state["fc1.weight"].dtype).to(device)
+        self.model.load_state_dict(state)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, eps=eps,
+                                     weight_decay=weight_decay)
+        self.flat = self.model.fc1.weight  # dtype/device, as FastMLP.flat
+
+    def step(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        nn.functional.mse_loss(self.model(x), t).backward()
+        self.opt.step()
+
+    def module(self) -> MLP3:
+        return self.model
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+
+
+TRAINERS = {"fast": FastMLP, "plain": PlainMLP}

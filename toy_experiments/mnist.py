@@ -26,7 +26,7 @@ from llm_audit import AuditOptions, records
 
 from . import measure, schedules
 from .data import Split, notebook_subsets
-from .mlp import FastMLP, notebook_init
+from .mlp import TRAINERS, FastMLP, notebook_init
 
 HISTORY_COLUMNS = ("step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
                    "num_traps", *measure.SIGNAL_COLUMNS, "lr", "lr_steps", "num_traps_tw")
@@ -95,6 +95,7 @@ class Run:
     device: torch.device = torch.device("cpu")
     data_dir: str | None = None
     time_limit_s: float | None = None  # stop (checkpointed) after this much wall time
+    trainer: str = "fast"  # fast (FastMLP) | plain (autograd + torch AdamW, the reference)
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def train(run: Run, progress: Progress | None = None) -> Path:
     draws = notebook_init(run.seed, init_scale=p.init_scale, dtype=getattr(torch, p.dtype))
     data = load_data(run, draws.train_order, draws.fixed_batch)
     state = {k: v.to(run.device) for k, v in draws.state.items()}
-    fast = FastMLP(state, lr=p.lr, weight_decay=p.weight_decay, device=run.device)
+    fast = TRAINERS[run.trainer](state, lr=p.lr, weight_decay=p.weight_decay, device=run.device)
     step, best = _resume(run, fast)
     grid = p.measured_steps()
     snap_steps = set(schedules.thin(grid, SNAPSHOTS))
