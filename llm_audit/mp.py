@@ -9,11 +9,11 @@ edge of an i.i.d. matrix with known entry variance plus a Tracy–Widom quantile
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.optimize
 import torch
 
 KDE_BANDWIDTH = 0.1
@@ -50,9 +50,7 @@ def mp_fit(evals: torch.Tensor, N: int, M: int) -> MPFit:
     grid = np.arange(lo * sigma0, hi * sigma0, step * sigma0)
     losses = _mp_losses(grid, Q, x, y)
     s_grid = grid[int(np.argmin(losses))]
-    res = scipy.optimize.fmin(lambda s: _mp_losses(np.atleast_1d(s)[:1], Q, x, y)[0],
-                              s_grid, disp=0, full_output=True)
-    sigma = float(res[0][0])
+    sigma = nelder_mead_1d(lambda s: float(_mp_losses(np.array([s]), Q, x, y)[0]), s_grid)
     bulk_max = (sigma * (1 + 1 / math.sqrt(Q))) ** 2
     bulk_min = (sigma * (1 - 1 / math.sqrt(Q))) ** 2
     tw = Q ** -0.5 * bulk_max ** (2 / 3) * M ** (-2 / 3)
@@ -60,6 +58,75 @@ def mp_fit(evals: torch.Tensor, N: int, M: int) -> MPFit:
     return MPFit(num_spikes=int((lam > threshold).sum()), sigma_mp=sigma,
                  bulk_max=bulk_max / scale, bulk_min=bulk_min / scale,
                  threshold=threshold / scale, max_eval=float(lam0.max()), scale=scale)
+
+
+class _MaxEvals(Exception):
+    pass
+
+
+def nelder_mead_1d(f, x0: float, xatol: float = 1e-4, fatol: float = 1e-4,
+                   maxfun: int = 200) -> float:
+    """``scipy.optimize.fmin(f, x0)[0]`` for one variable, step for step (its coefficients
+    ρ=1, χ=2, ψ=σ=½, initial simplex x0·1.05, tolerances, and its 200-evaluation cap with
+    the same half-finished last step), so the MP fit keeps WeightWatcher's σ to the last
+    digit (tests/test_mp.py compares them). Written out because importing scipy.optimize
+    cost 0.5-0.8 s of every start-up, for this one call."""
+    calls = [0]
+
+    def fun(v: float) -> float:
+        if calls[0] >= maxfun:
+            raise _MaxEvals
+        calls[0] += 1
+        return float(f(v))
+
+    x0 = float(x0)
+    sim = [x0, 1.05 * x0 if x0 != 0 else 0.00025]
+    fsim = [math.inf, math.inf]
+    with contextlib.suppress(_MaxEvals):
+        for k in range(2):
+            fsim[k] = fun(sim[k])
+    sim, fsim = _sorted2(sim, fsim)
+    iterations = 1
+    while calls[0] < maxfun and iterations < maxfun:
+        try:
+            if abs(sim[1] - sim[0]) <= xatol and abs(fsim[0] - fsim[1]) <= fatol:
+                break
+            xbar = sim[0]
+            xr = 2 * xbar - sim[1]
+            fxr = fun(xr)
+            if fxr < fsim[0]:
+                xe = 3 * xbar - 2 * sim[1]
+                fxe = fun(xe)
+                sim[1], fsim[1] = (xe, fxe) if fxe < fxr else (xr, fxr)
+            else:  # with one variable fsim[-2] is fsim[0]: never a plain reflection here
+                shrink = False
+                if fxr < fsim[1]:
+                    xc = 1.5 * xbar - 0.5 * sim[1]
+                    fxc = fun(xc)
+                    if fxc <= fxr:
+                        sim[1], fsim[1] = xc, fxc
+                    else:
+                        shrink = True
+                else:
+                    xcc = 0.5 * xbar + 0.5 * sim[1]
+                    fxcc = fun(xcc)
+                    if fxcc < fsim[1]:
+                        sim[1], fsim[1] = xcc, fxcc
+                    else:
+                        shrink = True
+                if shrink:
+                    sim[1] = sim[0] + 0.5 * (sim[1] - sim[0])
+                    fsim[1] = fun(sim[1])
+            iterations += 1
+        except _MaxEvals:
+            pass
+        sim, fsim = _sorted2(sim, fsim)
+    return sim[0]
+
+
+def _sorted2(sim: list[float], fsim: list[float]) -> tuple[list[float], list[float]]:
+    """np.argsort order of two values (ties keep their order)."""
+    return (sim[::-1], fsim[::-1]) if fsim[1] < fsim[0] else (sim, fsim)
 
 
 def _linear_kde(data: np.ndarray, x: np.ndarray, h: float) -> np.ndarray:

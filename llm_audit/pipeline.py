@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 SKIPPED_COLUMNS = ("name", "dtype", "shape", "reason")
 #: float32 bytes of matrices analysed as one batch (and decoded ahead of the analysis)
 BATCH_BYTES = {"cpu": 256 << 20, "cuda": 4 << 30}
+# decoded jobs waiting for the analysis (float32 bytes; one job always): enough to hide reading
+# and decoding behind compute, small enough that peak memory does not grow with the model
+PREFETCH_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 #: summary["stage_seconds"] key -> the per-matrix column it sums
 STAGE_COLUMNS = {"read": "read_seconds", "decode": "decode_seconds", "eigen": "eigen_seconds",
                  "fit": "fit_seconds", "traps": "trap_seconds", "wait": "wait_seconds"}
@@ -145,9 +148,8 @@ def analysed(jobs: list[MatrixJob], device: torch.device,
     batches of up to BATCH_BYTES of float32 matrices. Otherwise in the jobs' order."""
     jobs = _grouped(jobs)
     limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])
-    sizes = sorted(4 * math.prod(j.matrix_shape) for j in jobs) or [1]
-    typical = sizes[len(sizes) // 2]  # not the largest: one embedding must not stop prefetching
-    with prefetch(jobs, device, depth=max(1, limit // typical)) as decoded:
+    ahead = PREFETCH_BYTES.get(device.type, PREFETCH_BYTES["cpu"])
+    with prefetch(jobs, device, ahead) as decoded:
         batch: list[DecodedJob] = []
         for d in decoded:
             key = _stack_key(d.job)

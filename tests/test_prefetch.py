@@ -43,10 +43,13 @@ def jobs(folder):
     return jobs
 
 
-@pytest.mark.parametrize("depth", [1, 3, 100])
-def test_jobs_come_back_in_order_decoded(jobs, tensors, depth):
+JOB_BYTES = 24 * 16 * 4  # one decoded job (float32)
+
+
+@pytest.mark.parametrize("budget", [1, 3 * JOB_BYTES, 100 * JOB_BYTES])
+def test_jobs_come_back_in_order_decoded(jobs, tensors, budget):
     before = threading.active_count()
-    with prefetch(jobs, CPU, depth) as decoded:
+    with prefetch(jobs, CPU, budget) as decoded:
         got = list(decoded)
     assert threading.active_count() == before  # joined when the block ends
     assert [d.job for d in got] == jobs
@@ -130,6 +133,29 @@ def test_leaving_early_stops_the_thread(jobs, monkeypatch):
             next(iter(decoded))
             raise KeyError("consumer failed")
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_waiting_jobs_stay_within_the_byte_budget(jobs, monkeypatch, ahead):
+    """A slow consumer: the reader never has more than `budget` bytes decoded and not yet
+    taken (one job always), whatever the number of jobs: memory does not grow with them."""
+    real = prefetch_module.decode
+    taken, most = [0], [0]
+
+    def decode(job, reader, device):
+        out = real(job, reader, device)
+        most[0] = max(most[0], calls.__len__() + 1 - taken[0])
+        calls.append(job.name)
+        return out
+
+    calls: list[str] = []
+    monkeypatch.setattr(prefetch_module, "decode", decode)
+    with prefetch(jobs, CPU, ahead * JOB_BYTES) as decoded:
+        for _ in decoded:
+            time.sleep(0.02)  # the reader would run ahead of this consumer
+            taken[0] += 1
+    assert len(calls) == N_JOBS
+    assert most[0] <= ahead + 1  # `ahead` waiting + the one being handed over
 
 
 def test_wait_and_decode_seconds_are_measured(jobs, monkeypatch):

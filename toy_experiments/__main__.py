@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--lr", type=float, default=None,
                    help="constant AdamW lr; the preset's lr*steps is kept unless --steps")
     m.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    m.add_argument("--reshuffle", action="store_true",
+                   help="a new batch order every epoch (diagnostic; the notebook replays one)")
     m.add_argument("--trainer", choices=("fast", "plain"), default="fast",
                    help="fast: FastMLP; plain: autograd + torch AdamW (the reference loop)")
     m.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files "
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from .mnist_report import describe, phases
 
     preset = mnist.preset_with(args.preset, args.steps, args.lr, args.weight_decay)
+    if args.reshuffle:
+        from dataclasses import replace
+        preset = replace(preset, reshuffle=True)
     run = mnist.Run(preset=preset, out=args.out, seed=args.seed, device=_device(args.device),
                     data_dir=args.data_dir, trainer=args.trainer,
                     time_limit_s=None if args.time_limit is None else 60 * args.time_limit)

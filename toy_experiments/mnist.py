@@ -49,6 +49,9 @@ class Preset:
     dtype: str = "float64"
     init_scale: float = 4.0
     checkpoint_every: int = 25_000
+    # a new batch order every epoch (seeded by seed and epoch) instead of the notebook's
+    # replayed first epoch: a diagnostic of how much the fixed batches matter
+    reshuffle: bool = False
 
     @property
     def lr_steps(self) -> float:
@@ -187,6 +190,18 @@ def _resume(run: Run, fast: FastMLP) -> tuple[int, float]:
     return int(ck["step"]), float(ck["best_test_acc"])
 
 
+def _epoch_batches(data: Data, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batches of `epoch` with ``reshuffle``: epoch 0 is the notebook's, later epochs a
+    permutation seeded by (seed, epoch)."""
+    if epoch == 0:
+        return data.batches_x, data.batches_t
+    x = data.batches_x.reshape(-1, 784)
+    t = data.batches_t.reshape(-1, 10)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(x), generator=g).to(x.device)
+    return x[order].view(data.batches_x.shape), t[order].view(data.batches_t.shape)
+
+
 Progress = Callable[[dict, float, int], None]
 
 
@@ -203,7 +218,7 @@ def train(run: Run, progress: Progress | None = None) -> Path:
     grid = p.measured_steps()
     snap_steps = set(schedules.thin(grid, SNAPSHOTS))
     todo = [s for s in grid if s > step or (step == 0 and s == 0)]
-    t0, done, n_batches = time.perf_counter(), 0, len(data.batches_x)
+    t0, done, n_batches, start = time.perf_counter(), 0, len(data.batches_x), step
     while True:
         if todo and step == todo[0]:
             todo.pop(0)
@@ -218,8 +233,14 @@ def train(run: Run, progress: Progress | None = None) -> Path:
             _checkpoint(run, fast, step, best)
         if step >= p.steps or out_of_time:
             break
-        b = step % n_batches
-        fast.step(data.batches_x[b], data.batches_t[b])
+        epoch, b = divmod(step, n_batches)
+        if p.reshuffle and b == 0:
+            bx, bt = _epoch_batches(data, run.seed, epoch)
+        elif not p.reshuffle:
+            bx, bt = data.batches_x, data.batches_t
+        elif step == start:
+            bx, bt = _epoch_batches(data, run.seed, epoch)
+        fast.step(bx[b], bt[b])
         step += 1
         done += 1
     from .mnist_report import make_figures

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import base64
 import math
+from typing import TYPE_CHECKING
 
-import jinja2
 import pandas as pd
 
-from .figures import Figure
+if TYPE_CHECKING:  # jinja2 and matplotlib load only when an HTML report is written
+    import jinja2
+
+    from .figures import Figure
 
 TABLE_COLUMNS = ("name", "layer", "module", "expert", "N", "M", "dtype", "alpha", "D",
                  "num_pl_spikes", "log_norm", "rand_num_spikes", "traps_mean", "traps_entries",
@@ -24,6 +27,8 @@ NUMERIC = {"layer", "expert", "N", "M", "alpha", "D", "num_pl_spikes", "log_norm
 
 
 def environment() -> jinja2.Environment:
+    import jinja2
+
     return jinja2.Environment(loader=jinja2.PackageLoader("llm_audit", "report/templates"),
                               autoescape=True, undefined=jinja2.StrictUndefined,
                               trim_blocks=True, lstrip_blocks=True)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import UsageError
-from .markdown import render_markdown
 
 FORMATS = ("md", "html", "csv", "json")
 FIGURES_DIR = "figures"
@@ -67,6 +66,8 @@ def write_reports(out: Path, details: pd.DataFrame, summary: dict, skipped: pd.D
 
         figures = make_figures(details, spectra)
     if "md" in formats:
+        from .markdown import render_markdown
+
         links = []
         for f in figures:
             path = out / FIGURES_DIR / f"{f.key}.png"
