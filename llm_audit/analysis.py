@@ -81,10 +81,11 @@ def _analyse_checked(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOption
     """Batched analysis; an eigensolver failure is retried matrix by matrix to isolate it."""
     try:
         return _analyse_batch(W, metas, opts, key)
-    except (RuntimeError, torch.linalg.LinAlgError) as e:  # e.g. eigensolver did not converge
+    except Exception as e:  # noqa: BLE001 - one bad matrix must not sink the audit
         if len(metas) > 1:
             return [_analyse_checked(W[b:b + 1], [m], opts, key)[0] for b, m in enumerate(metas)]
         log.warning("matrix %s failed: %s", metas[0].name, e)
+        log.debug("matrix %s failed", metas[0].name, exc_info=True)
         kind = type(e).__name__.lstrip("_")  # torch's LinAlgError is named _LinAlgError
         return [_failed(W[0], metas[0], f"failed: {kind}: {e}"[:300], math.nan)]
 
@@ -93,7 +94,12 @@ def _analyse_batch(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOptions,
                    key: str) -> list[MatrixResult]:
     B, clock = len(metas), _Clock(W.device)
     dtype = opts.eig_dtype()
-    evals = spectral.esd(W, dtype=dtype).double()  # (B, M)
+    try:
+        evals = spectral.esd(W, dtype=dtype)  # (B, M), float64
+    except torch.linalg.LinAlgError:  # float32 eigensolver did not converge: float64 decides
+        if dtype == torch.float64 or opts.precision != "auto":
+            raise
+        evals = spectral.esd(W)
     t_eig = clock.lap()
     fields = []
     for b in range(B):
@@ -177,7 +183,8 @@ def _float32_decided(evals: torch.Tensor, fit: spectral.PowerLawFit, mp_threshol
     round-off of the MP spike threshold. A failed fit is redone in float64 (round-off?), and so
     is a spectrum that reads rank-deficient: float32 cannot tell an eigenvalue below the rank
     threshold from round-off of either sign (a full float32 rank is kept: README, Precision)."""
-    if not fit.ok or spectral.spectral_norms(evals).rank < evals.numel():
+    if not bool(torch.isfinite(evals).all()) or not fit.ok \
+            or spectral.spectral_norms(evals).rank < evals.numel():
         return False
     tol = max(ALPHA_TOL, ALPHA_TOL_SIGMAS * fit.sigma)
     lmax = float(evals.max())
@@ -204,6 +211,11 @@ def _check_analysable(W: torch.Tensor) -> None:
         raise SpectralError(f"non-finite entries ({n_nan} NaN, {n_inf} Inf)")
     if lo == 0 and hi == 0:
         raise SpectralError("all entries are zero")
+    tiny = torch.finfo(W.dtype).tiny
+    if max(-lo, hi) < tiny:
+        dtype = str(W.dtype).removeprefix("torch.")
+        raise SpectralError(f"every entry is subnormal in {dtype} (max |w| = {max(-lo, hi):.3g} "
+                            f"< {tiny:.3g}): too few significant bits left to analyse")
 
 
 def _confounds(W: torch.Tensor) -> dict:

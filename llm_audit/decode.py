@@ -82,8 +82,10 @@ class TensorReader:
 
 
 def decode_dense(job: MatrixJob, reader: TensorReader, device: torch.device) -> torch.Tensor:
+    """float32, or float64 for F64 tensors (float32 would over/underflow their range)."""
     (info,) = job.parts
-    return reader.raw(info, device).to(torch.float32)
+    t = reader.raw(info, device)
+    return t if t.dtype == torch.float64 else t.to(torch.float32)
 
 
 #: scheme -> decoder; a decoder returns W, or (W, per-row count of NaN scales)
@@ -104,6 +106,8 @@ def decode(job: MatrixJob, reader: TensorReader, device: torch.device) -> Iterat
         raise DecodeError(f"tensor {job.name!r}: no decoder for scheme {job.scheme!r}")
     out = fn(job, reader, device)
     W, nan_rows = out if isinstance(out, tuple) else (out, None)
+    if job.transposed:  # stored (in, out): the canonical orientation is (out, in)
+        W = W.mT.contiguous()
     if W.ndim != 2:
         for e in range(W.shape[0]):
             yield DecodedMatrix(job, W[e], e, f"{job.name}[{e}]", job.module)

@@ -92,11 +92,12 @@ def expert_slice(t: TensorInfo, e: int) -> TensorInfo:
 
 
 def _per_expert(base: str, t: TensorInfo, scheme: str, companions: tuple[TensorInfo, ...],
-                fused: tuple[str, ...], fused_dim: int) -> list[MatrixJob]:
+                fused: tuple[str, ...], fused_dim: int,
+                transposed: bool = False) -> list[MatrixJob]:
     layer, module = parse_layer(t.name), base.rsplit(".", 1)[-1]
     return [MatrixJob(f"{base}[{e}]", layer, module, scheme,
                       (expert_slice(t, e), *(expert_slice(c, e) for c in companions)),
-                      expert=e, fused=fused, fused_dim=fused_dim)
+                      expert=e, fused=fused, fused_dim=fused_dim, transposed=transposed)
             for e in range(t.shape[0])]
 
 
@@ -109,8 +110,9 @@ def _plan_float(t: TensorInfo, gpt_oss: bool) -> tuple[list[MatrixJob], str | No
     if len(t.shape) == 3 and ".experts." in f".{t.name}":
         base = t.name.removesuffix(".weight")
         fused = GATE_UP if gpt_oss and base.endswith("gate_up_proj") else ()
-        # gpt-oss stores BF16 experts as (in, out): gate/up alternate along the columns
-        return _per_expert(base, t, "dense", (), fused, fused_dim=1), None
+        # gpt-oss stores BF16 experts as (in, out), gate/up alternating along the columns:
+        # decoded transposed to (out, in), as its MXFP4 copy, then split along the rows
+        return _per_expert(base, t, "dense", (), fused, fused_dim=0, transposed=gpt_oss), None
     return [], f"{len(t.shape)}-D tensor with no known expert layout"
 
 

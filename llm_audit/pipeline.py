@@ -43,6 +43,7 @@ PREFETCH_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 STAGE_COLUMNS = {"read": "read_seconds", "decode": "decode_seconds", "eigen": "eigen_seconds",
                  "fit": "fit_seconds", "traps": "trap_seconds", "wait": "wait_seconds"}
 _EXPERT_INDEX = re.compile(r"experts\.\d+\.")
+_EXPERT_SUFFIX = re.compile(r"\[\d+\]$")
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,9 @@ def _stack_key(job: MatrixJob) -> str | None:
     equal-shaped, batched together and shuffled with one shared permutation."""
     if job.expert is None:
         return None
-    return f"{_EXPERT_INDEX.sub('experts.*.', job.parts[0].name)}/{job.scheme}"
+    # the logical name (row names drop MXFP4's `_blocks`), not the stored tensor or scheme: an
+    # MXFP4 checkpoint and its BF16 copy shuffle each expert with the same permutation
+    return _EXPERT_INDEX.sub("experts.*.", _EXPERT_SUFFIX.sub("", job.name))
 
 
 def _shuffle_key(m: DecodedMatrix) -> str:

@@ -29,7 +29,9 @@ class MatrixJob:
     `parts[0]` is the weight tensor; further parts (scales) are consumed with it.
     `scheme` tells decode how to turn the bytes into floats. `fused` names the modules whose
     rows (`fused_dim` 0) or columns (1) alternate in one stored matrix (gpt-oss `gate_up`):
-    decode splits them into one matrix each.
+    decode splits them into one matrix each. `transposed`: the tensor is stored (in, out)
+    (gpt-oss's BF16 expert stacks); decode turns it into the canonical (out, in) of
+    ``nn.Linear`` and of the MXFP4 copy, so both give the same rows, shuffles included.
     """
 
     name: str
@@ -40,6 +42,7 @@ class MatrixJob:
     expert: int | None = None
     fused: tuple[str, ...] = ()
     fused_dim: int = 0
+    transposed: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -51,7 +54,7 @@ class MatrixJob:
         shape = self.parts[0].shape
         if self.scheme == "mxfp4":  # blocks [..., R, G, 16] hold R x G*32 values
             return shape[-3], shape[-2] * 32
-        return shape[-2], shape[-1]
+        return (shape[-1], shape[-2]) if self.transposed else (shape[-2], shape[-1])
 
 
 @dataclass(frozen=True)

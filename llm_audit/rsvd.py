@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import spectral
+
 OVERSAMPLE = 8
 ITERS = 6
 MAX_ITERS = 16  # with a threshold: iterate until the count above it has settled
@@ -31,7 +33,8 @@ def top_eigenvalues(W: torch.Tensor, k: int, *,
                     threshold: torch.Tensor | float | None = None,
                     max_iters: int = MAX_ITERS) -> torch.Tensor:
     """The k largest eigenvalues of WᵀW (= squared singular values of W (..., rows, cols)),
-    descending: (..., k).
+    descending: (..., k), float64 (computed in `dtype` on W times a power of two that brings
+    max|W| into [1, 2), as `spectral.esd`, then divided back).
 
     Block Krylov: the Ritz values of WᵀW on span{WΩ, (WWᵀ)WΩ, ..., (WWᵀ)^iters WΩ}, each block
     re-orthogonalised twice against all earlier ones (safe in float32), read off as the
@@ -50,7 +53,18 @@ def top_eigenvalues(W: torch.Tensor, k: int, *,
     (the same Ω in any dtype); with a sequence of generators, one per matrix of the batch, each
     matrix's Ω comes from its own, so a matrix gets the same answer alone or in a batch.
     """
-    A = W.to(dtype)
+    c = spectral.pow2_scale(W)  # scale-invariant, as spectral.esd: no float32 over/underflow
+    c2 = c.reshape(c.shape[:-2]) ** 2  # (...,)
+    A = W.to(dtype) * c.to(W.device, dtype)
+    if threshold is not None:
+        threshold = torch.as_tensor(threshold, dtype=torch.float64, device=c2.device) * c2
+    return _top_eigenvalues(A, k, generator, oversample, iters, dtype, threshold,
+                            max_iters).to(torch.float64) / c2[..., None]
+
+
+def _top_eigenvalues(A: torch.Tensor, k: int, generator, oversample: int, iters: int,
+                     dtype: torch.dtype, threshold: torch.Tensor | None,
+                     max_iters: int) -> torch.Tensor:
     if A.shape[-2] < A.shape[-1]:
         A = A.mT  # (..., n, m) with n >= m: iterate in the small dimension
     n, m = A.shape[-2:]

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-EVALS_THRESH = 1e-5  # eigenvalues at or below this are ignored by the power-law fit
+# eigenvalues at or below this are ignored by the power-law fit (WeightWatcher's floor), taken
+# relative to λ_max when λ_max < 1, so that α of c·W does not depend on c
+EVALS_THRESH = 1e-5
 GRAM_CHUNK_ROWS = 16384  # rows per chunk when accumulating WᵀW of a tall matrix
 GRAM_BLOCKS = 4  # column blocks of the lower-triangle Gram product on CPU
 F32_ERR_ULPS = 64  # float32 eigenvalue round-off bound in ulps of λ_max (measured <= 30)
@@ -57,30 +59,48 @@ class SpectralNorms:
 
 
 def esd(W: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Ascending eigenvalues λ = s(W)² of WᵀW: M = min(rows, cols) of them, for one matrix
-    (rows, cols) -> (M,) or a batch of equal-shaped matrices (B, rows, cols) -> (B, M).
+    """Ascending eigenvalues λ = s(W)² of WᵀW in float64: M = min(rows, cols) of them, for one
+    matrix (rows, cols) -> (M,) or a batch of equal-shaped matrices (B, rows, cols) -> (B, M).
 
     Computed as eigvalsh of the (M, M) Gram matrix in `dtype` (float64 by default): 3-4x cheaper
     than an SVD; clamped at 0 since round-off can make the smallest ones slightly negative. Tall
     matrices are converted chunk by chunk, so a 201088 x 2880 embedding never exists in float64.
+    Scale-invariant: W is multiplied by a power of two c (exact) that brings max|W| into [1, 2)
+    first and the eigenvalues divided by c² after, so a float32 Gram matrix of entries ~2⁻¹²⁰
+    does not underflow to 0, nor one of entries ~2¹⁰⁰ overflow.
     """
-    return torch.linalg.eigvalsh(gram(W, dtype=dtype)).clamp_min_(0.0)
+    c = pow2_scale(W)
+    lam = torch.linalg.eigvalsh(gram(W, dtype=dtype, scale=c)).clamp_min_(0.0)
+    return lam.to(torch.float64) / (c.reshape(c.shape[:-2] + (1,)) ** 2)
 
 
-def gram(W: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """AᵀA for A = W or Wᵀ, whichever is taller: (..., M, M) in `dtype`.
+def pow2_scale(W: torch.Tensor) -> torch.Tensor:
+    """(..., 1, 1) float64 powers of two c with max|c·W| in [1, 2) per matrix (1 for a matrix
+    of zeros or non-finite entries)."""
+    lo, hi = W.reshape(*W.shape[:-2], -1).aminmax(dim=-1)
+    amax = torch.maximum(-lo, hi).to(torch.float64)
+    ok = (amax > 0) & torch.isfinite(amax)
+    e = torch.where(ok, torch.floor(torch.log2(torch.where(ok, amax, 1.0))), 0.0)
+    return torch.exp2(-e)[..., None, None]
+
+
+def gram(W: torch.Tensor, *, dtype: torch.dtype = torch.float64,
+         scale: torch.Tensor | None = None) -> torch.Tensor:
+    """AᵀA for A = W or Wᵀ, whichever is taller (times `scale`, see `pow2_scale`, if given):
+    (..., M, M) in `dtype`.
 
     On CPU only the lower triangle (all `eigvalsh` reads) is computed, in column blocks: 40%
     fewer flops than a full product. Tall single matrices accumulate over row chunks.
     """
     A = W if W.shape[-2] >= W.shape[-1] else W.mT  # (..., N, M), N >= M
+    c = None if scale is None or bool((scale == 1).all()) else scale.to(A.device, dtype)
     if A.ndim == 2 and A.dtype != dtype and A.shape[0] > GRAM_CHUNK_ROWS:
         G = torch.zeros(A.shape[1], A.shape[1], dtype=dtype, device=A.device)
         for rows in A.split(GRAM_CHUNK_ROWS):  # tall (embeddings): no full copy in `dtype`
-            c = rows.to(dtype)
-            G.addmm_(c.T, c)
+            ch = rows.to(dtype) if c is None else rows.to(dtype).mul_(c)
+            G.addmm_(ch.T, ch)
         return G
-    A = A.to(dtype)
+    A = A.to(dtype) if c is None else A.to(dtype) * c
     if A.device.type != "cpu":
         return A.mT @ A
     M = A.shape[-1]
@@ -99,7 +119,8 @@ def fit_power_law(evals: torch.Tensor, *, fix_fingers: str = "none",
     round_off·(α_i - 1)·λ_max/xmin_i (the measured size of float32's effect on D).
     """
     lam = torch.sort(evals.to(torch.float64)).values
-    lam = lam[lam > EVALS_THRESH]
+    if lam.numel():
+        lam = lam[lam > EVALS_THRESH * min(1.0, float(lam[-1]))]
     raw = _fit_sorted(lam, round_off)
     if fix_fingers == "none" or not raw.ok:
         return raw

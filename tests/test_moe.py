@@ -4,6 +4,7 @@ dispatch, skipped tensors with their reasons."""
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -125,9 +126,54 @@ def test_gpt_oss_bf16_stacks_split_columns(tmp_path, gen):
         "model.layers.0.mlp.experts.gate_up_proj[0]", "model.layers.0.mlp.experts.gate_up_proj[1]"]
     with TensorReader() as r:
         out = {m.name: m for j in jobs for m in decode(j, r, CPU)}
-    assert torch.equal(out["model.layers.0.mlp.experts.gate_up_proj[1].gate"].W, gate[1])
-    assert torch.equal(out["model.layers.0.mlp.experts.gate_up_proj[1].up"].W, up[1])
+    # stored (in, out), analysed in the canonical (out, in) orientation
+    assert torch.equal(out["model.layers.0.mlp.experts.gate_up_proj[1].gate"].W, gate[1].T)
+    assert torch.equal(out["model.layers.0.mlp.experts.gate_up_proj[1].up"].W, up[1].T)
     assert out["model.layers.0.mlp.experts.down_proj[0]"].expert == 0
+    assert out["model.layers.0.mlp.experts.down_proj[0]"].W.shape == (8, 6)
+
+
+def _bf16_copy(src, dst):
+    """gpt-oss's BF16 layout of an MXFP4 checkpoint: experts dequantized and stored (in, out),
+    gate/up alternating along the columns; everything else as it is (MXFP4 values are exact
+    in BF16)."""
+    from safetensors.torch import load_file
+
+    from llm_audit.quant import mxfp4_dequantize
+
+    dst.mkdir()
+    tensors = {}
+    for f in src.glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scales"):
+            continue
+        if name.endswith("_blocks"):
+            W = mxfp4_dequantize(t, tensors[name.removesuffix("_blocks") + "_scales"])
+            out[name.removesuffix("_blocks")] = W.mT.contiguous().to(torch.bfloat16)
+        else:
+            out[name] = t
+    save_file(out, dst / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config")
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("rule", ["ww", "tw"])
+def test_mxfp4_and_its_bf16_copy_give_identical_rows(gpt_oss, tmp_path, rule):
+    folder = gpt_oss[0]
+    copy = _bf16_copy(folder, tmp_path / "bf16")
+    a = llm_audit.audit(folder, trap_rule=rule, max_spectra=0).details.set_index("name")
+    b = llm_audit.audit(copy, trap_rule=rule, max_spectra=0).details.set_index("name")
+    a, b = a.sort_index(), b.sort_index()  # file order differs (one file vs shards)
+    assert list(a.index) == list(b.index)
+    experts = a.index[a.expert.notna()]
+    assert len(experts) == 2 * 2 * EXPERTS + 2 * EXPERTS  # gate, up, down of 4 experts, 2 layers
+    assert set(a.loc[experts, "dtype"]) == {"mxfp4"} and set(b.loc[experts, "dtype"]) == {"BF16"}
+    cols = [c for c in a.columns if c != "dtype" and not c.endswith("seconds")]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
 
 
 def _infos(tmp_path, tensors, config=None):
