@@ -78,9 +78,11 @@ def notebook_init(seed: int = 0, n_train: int = 1000, init_scale: float = 4.0,
     return NotebookDraws(state=state, fixed_batch=fixed, train_order=_sampler_perm(g, n_train))
 
 
-def _views(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+def _views(flat: torch.Tensor, n_in: int = 784) -> dict[str, torch.Tensor]:
+    """Views of the parameters in `flat`; fc1's weight holds `n_in` input columns."""
     out, o = {}, 0
     for name, fan_in, fan_out in SIZES:
+        fan_in = n_in if name == "fc1" else fan_in
         for suffix, shape in (("weight", (fan_out, fan_in)), ("bias", (fan_out,))):
             n = math.prod(shape)
             out[f"{name}.{suffix}"] = flat[o:o + n].view(shape)
@@ -88,36 +90,54 @@ def _views(flat: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def num_parameters() -> int:
-    return sum(fan_out * (fan_in + 1) for _, fan_in, fan_out in SIZES)
+def num_parameters(n_in: int = 784) -> int:
+    return sum(fan_out * ((n_in if name == "fc1" else fan_in) + 1)
+               for name, fan_in, fan_out in SIZES)
 
 
 class FastMLP:
     """MLP3 parameters in one flat buffer, trained by hand-written backprop + fused AdamW.
 
-    ``step(x, t)`` is one AdamW step on the mean-squared error of the batch ``x`` (B, 784)
+    ``step(x, t)`` is one AdamW step on the mean-squared error of the batch ``x`` (B, n_in)
     against targets ``t`` (B, 10), the same update as autograd + ``torch.optim.AdamW`` to float
-    round-off (tests/test_toy_mnist.py). ``module()`` is an ``MLP3`` whose parameters are views
-    of the flat buffer: it always shows the current weights, for evaluation and audits.
+    round-off (tests/test_toy_mnist.py). ``inputs``: the pixels that are non-zero in some
+    training image (None: all 784). The others get exactly zero gradient forever, so AdamW
+    never moves their fc1 columns (weight decay only shrinks them by (1 − lr·wd) a step): they
+    are kept out of the matmuls and the optimizer, and ``x`` holds only ``inputs``' columns
+    (``select``). ``module()`` assembles an ``MLP3`` with the current weights.
     """
 
     def __init__(self, state: dict[str, torch.Tensor], *, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 batch: int = 200, device: torch.device | str = "cpu"):
+                 batch: int = 200, device: torch.device | str = "cpu",
+                 inputs: torch.Tensor | None = None):
         dtype = state["fc1.weight"].dtype
-        self.flat = nn.Parameter(torch.zeros(num_parameters(), dtype=dtype, device=device))
+        self.inputs = torch.arange(784) if inputs is None else inputs.cpu()
+        rest = torch.ones(784, dtype=torch.bool)
+        rest[self.inputs] = False
+        self.rest = torch.nonzero(rest).flatten()
+        self.lr, self.weight_decay, self.t = lr, weight_decay, 0
+        self.flat = nn.Parameter(torch.zeros(num_parameters(len(self.inputs)), dtype=dtype,
+                                             device=device))
         self.flat.grad = torch.zeros_like(self.flat)
-        self.p, self.g = _views(self.flat.data), _views(self.flat.grad)
+        self.p = _views(self.flat.data, len(self.inputs))
+        self.g = _views(self.flat.grad, len(self.inputs))
         with torch.no_grad():
             for k, v in self.p.items():
-                v.copy_(state[k])
+                v.copy_(state[k][:, self.inputs] if k == "fc1.weight" else state[k])
+        self.w1_rest = state["fc1.weight"][:, self.rest].to(device).clone()  # at step 0
         fused = torch.device(device).type in ("cpu", "cuda")
         self.opt = torch.optim.AdamW([self.flat], lr=lr, betas=betas, eps=eps,
                                      weight_decay=weight_decay, fused=fused)
+
         def buf(n: int) -> torch.Tensor:
             return torch.empty(batch, n, dtype=dtype, device=device)
         self._h1, self._h2, self._y = buf(200), buf(200), buf(10)
         self._d1, self._d2, self._dy = buf(200), buf(200), buf(10)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The columns of ``x`` (..., 784) that ``step`` takes."""
+        return x[..., self.inputs.to(x.device)].contiguous()
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, t: torch.Tensor) -> None:
@@ -136,22 +156,35 @@ class FastMLP:
         torch.mm(d1.t(), x, out=g["fc1.weight"])
         torch.sum(d1, 0, out=g["fc1.bias"])
         self.opt.step()
+        self.t += 1
 
     def module(self) -> MLP3:
+        """An MLP3 holding a copy of the current weights (all 784 fc1 columns)."""
         m = MLP3(dtype=self.flat.dtype).to(self.flat.device).requires_grad_(False)
-        for name, _, _ in SIZES:
-            lin = getattr(m, name)
-            lin.weight = nn.Parameter(self.p[f"{name}.weight"], requires_grad=False)
-            lin.bias = nn.Parameter(self.p[f"{name}.bias"], requires_grad=False)
+        with torch.no_grad():
+            for name, _, _ in SIZES:
+                lin = getattr(m, name)
+                lin.bias.copy_(self.p[f"{name}.bias"])
+                if name != "fc1":
+                    lin.weight.copy_(self.p[f"{name}.weight"])
+            dev = self.flat.device
+            m.fc1.weight[:, self.inputs.to(dev)] = self.p["fc1.weight"]
+            decay = (1 - self.lr * self.weight_decay) ** self.t
+            m.fc1.weight[:, self.rest.to(dev)] = self.w1_rest * decay
         return m
 
     def state_dict(self) -> dict:
-        return {"flat": self.flat.detach().clone(), "opt": self.opt.state_dict()}
+        return {"flat": self.flat.detach().clone(), "opt": self.opt.state_dict(),
+                "inputs": self.inputs, "t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
             self.flat.copy_(state["flat"])
         self.opt.load_state_dict(state["opt"])
+        if "t" in state:
+            self.t = int(state["t"])
+        else:  # a checkpoint from before `t` was kept: AdamW's own step count
+            self.t = int(state["opt"]["state"].get(0, {}).get("step", 0))
 
 
 class PlainMLP:
@@ -161,12 +194,17 @@ class PlainMLP:
 
     def __init__(self, state: dict[str, torch.Tensor], *, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 batch: int = 200, device: torch.device | str = "cpu"):
+                 batch: int = 200, device: torch.device | str = "cpu",
+                 inputs: torch.Tensor | None = None):  # all 784 are trained
         self.model = MLP3(dtype=state["fc1.weight"].dtype).to(device)
         self.model.load_state_dict(state)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=betas, eps=eps,
                                      weight_decay=weight_decay)
         self.flat = self.model.fc1.weight  # dtype/device, as FastMLP.flat
+
+    @staticmethod
+    def select(x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def step(self, x: torch.Tensor, t: torch.Tensor) -> None:
         self.opt.zero_grad()

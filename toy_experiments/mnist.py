@@ -178,16 +178,31 @@ def _checkpoint(run: Run, fast: FastMLP, step: int, best: float) -> None:
     tmp.replace(path)
 
 
-def _resume(run: Run, fast: FastMLP) -> tuple[int, float]:
-    """(step, best test accuracy so far) from ``out/checkpoint.pt``, CSVs cut back to it."""
+def _read_checkpoint(run: Run) -> dict | None:
+    """``out/checkpoint.pt`` if there is one (then the CSVs are cut back to its step)."""
     path = run.out / "checkpoint.pt"
     if not path.exists():
-        return 0, -1.0
+        return None
     ck = torch.load(path, map_location=run.device, weights_only=True)
-    fast.load_state_dict(ck)
     for name in ("history.csv", "layers.csv", "traps.csv"):
         measure.truncate_csv(run.out / name, int(ck["step"]))
-    return int(ck["step"]), float(ck["best_test_acc"])
+    return ck
+
+
+def _trainer(run: Run, state: dict, data: Data, ck: dict | None) -> tuple[FastMLP, int, float]:
+    """(trainer, step, best test accuracy so far), resumed from `ck` when given. The trained
+    pixels are those non-zero in some training image (a checkpoint without them, from before
+    they were dropped, trains all 784)."""
+    p = run.preset
+    inputs = torch.nonzero(data.train.x.ne(0).any(0)).flatten().cpu()
+    if ck is not None:
+        inputs = ck.get("inputs")
+    fast = TRAINERS[run.trainer](state, lr=p.lr, weight_decay=p.weight_decay, device=run.device,
+                                 inputs=inputs)
+    if ck is None:
+        return fast, 0, -1.0
+    fast.load_state_dict(ck)
+    return fast, int(ck["step"]), float(ck["best_test_acc"])
 
 
 def _epoch_batches(data: Data, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,12 +228,17 @@ def train(run: Run, progress: Progress | None = None) -> Path:
     draws = notebook_init(run.seed, init_scale=p.init_scale, dtype=getattr(torch, p.dtype))
     data = load_data(run, draws.train_order, draws.fixed_batch)
     state = {k: v.to(run.device) for k, v in draws.state.items()}
-    fast = TRAINERS[run.trainer](state, lr=p.lr, weight_decay=p.weight_decay, device=run.device)
-    step, best = _resume(run, fast)
+    fast, step, best = _trainer(run, state, data, _read_checkpoint(run))
     grid = p.measured_steps()
     snap_steps = set(schedules.thin(grid, SNAPSHOTS))
     todo = [s for s in grid if s > step or (step == 0 and s == 0)]
     t0, done, n_batches, start = time.perf_counter(), 0, len(data.batches_x), step
+
+    def batches(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, t = (_epoch_batches(data, run.seed, epoch) if p.reshuffle
+                else (data.batches_x, data.batches_t))
+        return fast.select(x), t
+    bx, bt = batches(step // n_batches)
     while True:
         if todo and step == todo[0]:
             todo.pop(0)
@@ -234,12 +254,8 @@ def train(run: Run, progress: Progress | None = None) -> Path:
         if step >= p.steps or out_of_time:
             break
         epoch, b = divmod(step, n_batches)
-        if p.reshuffle and b == 0:
-            bx, bt = _epoch_batches(data, run.seed, epoch)
-        elif not p.reshuffle:
-            bx, bt = data.batches_x, data.batches_t
-        elif step == start:
-            bx, bt = _epoch_batches(data, run.seed, epoch)
+        if p.reshuffle and b == 0 and step != start:
+            bx, bt = batches(epoch)
         fast.step(bx[b], bt[b])
         step += 1
         done += 1
