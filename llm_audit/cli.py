@@ -13,10 +13,12 @@ from pathlib import Path
 
 import click
 
-from .errors import AuditError
+from .errors import AuditError, UsageError
+from .safetext import terminal
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_ERROR = 0, 1, 2
 MAX_FAIL_LINES = 20
+ONE_LINE_MAX = 600  # characters of one message line (untrusted names are echoed in them)
 ALL_FORMATS = "md,html,csv,json"
 _CTX = {"help_option_names": ["-h", "--help"]}
 
@@ -87,6 +89,8 @@ def audit_command(source, out, fail_on, resume, log_json, **kw):
     formats = parse_formats(kw["formats"])
     conditions = parse_fail_on(fail_on) if fail_on else ()
     out = out or default_out(source)
+    if log_json:
+        _refuse_input(log_json, source, "--log-json")
     with contextlib.ExitStack() as stack:
         bar = None if kw["quiet"] or not sys.stderr.isatty() else stack.enter_context(
             ProgressBar())
@@ -101,7 +105,7 @@ def audit_command(source, out, fail_on, resume, log_json, **kw):
             _echo_summary(result.summary, paths)
         matches = find_matches(result.details, conditions)
         for m in matches[:MAX_FAIL_LINES]:
-            click.echo(f"llm-audit: fail-on: {m}", err=True)
+            click.echo(f"llm-audit: fail-on: {terminal(m, ONE_LINE_MAX)}", err=True)
         if len(matches) > MAX_FAIL_LINES:
             click.echo(f"llm-audit: fail-on: ... and {len(matches) - MAX_FAIL_LINES} more",
                        err=True)
@@ -111,9 +115,20 @@ def audit_command(source, out, fail_on, resume, log_json, **kw):
     return code
 
 
+def _refuse_input(path: Path, source: str, flag: str) -> None:
+    """An output file must not be the checkpoint (or a file of the checkpoint's folder)."""
+    src = Path(source)
+    if not src.exists():
+        return
+    p, s = path.resolve(), src.resolve()
+    if p == s or (s.is_dir() and p.exists() and p.is_relative_to(s)):
+        raise UsageError(f"{flag} {path}: is a file of the checkpoint being audited ({source}); "
+                         "writing it would destroy the input; choose another path")
+
+
 def _echo_summary(s: dict, paths: list[Path]) -> None:
     traps = "n/a" if s["total_traps"] is None else s["total_traps"]
-    click.echo(f"{s['model']}: {s['matrices_analysed']} matrices, mean alpha "
+    click.echo(f"{terminal(s['model'], 100)}: {s['matrices_analysed']} matrices, mean alpha "
                f"{s['mean_alpha']:.3f}, traps {traps}, failed {s['matrices_failed']}, "
                f"skipped {s['tensors_skipped']} ({s['elapsed_seconds']:.1f} s)", err=True)
     click.echo(f"reports: {', '.join(str(p) for p in paths)}", err=True)
@@ -151,7 +166,8 @@ def diff_command(a, b, out, **kw):
     paths = result.write(out, formats)
     if not kw["quiet"]:
         s = result.summary
-        click.echo(f"{s['a']} -> {s['b']}: {s['matched']} matched, {s['only_a']} only in A, "
+        click.echo(f"{terminal(s['a'], 100)} -> {terminal(s['b'], 100)}: {s['matched']} matched, "
+                   f"{s['only_a']} only in A, "
                    f"{s['only_b']} only in B; mean dalpha {s['mean_d_alpha']:.3f}, "
                    f"dtraps {s['total_d_traps']}", err=True)
         click.echo(f"reports: {', '.join(str(p) for p in paths)}", err=True)
@@ -200,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:
         code = e.exit_code
     except click.ClickException as e:
-        click.echo(f"llm-audit: error: {e.format_message()}", err=True)
+        click.echo(f"llm-audit: error: {terminal(e.format_message(), ONE_LINE_MAX)}", err=True)
         code = EXIT_ERROR
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("llm-audit: interrupted (continue with --resume)", err=True)
@@ -216,9 +232,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(e: Exception) -> str:
+    """The error as one terminal-safe line of at most ONE_LINE_MAX characters."""
     if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.filename}: {e.strerror or e}"
-    return " ".join(str(e).split())
+        text = f"{e.filename}: {e.strerror or e}"
+    else:
+        text = " ".join(str(e).split())
+    return terminal(text, ONE_LINE_MAX)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import FormatError
+from .safetext import clip
 
 DIFF_COLUMNS = ("name", "layer", "module", "expert", "alpha_a", "alpha_b", "d_alpha",
                 "traps_a", "traps_b", "d_traps", "log_norm_a", "log_norm_b", "d_log_norm",
@@ -60,18 +61,33 @@ def load_side(path: str | Path, *, allow_pickle: bool = False,
     p = Path(path)
     csv = p / "layers.csv"
     if p.is_dir() and csv.is_file():
-        try:
-            table = pd.read_csv(csv)
+        try:  # names stay text even when they look like numbers ("0", "1e3")
+            table = pd.read_csv(csv, dtype={"name": str, "module": str, "warning": str},
+                                keep_default_na=False, na_values=[""])
         except (ValueError, pd.errors.ParserError) as e:
-            raise FormatError(f"{csv}: cannot read as CSV ({e})") from e
+            raise FormatError(f"{csv}: cannot read as CSV ({clip(e)})") from e
         missing = [c for c in _NEEDED if c not in table.columns]
         if missing:
             raise FormatError(f"{csv}: not an llm-audit layers.csv (no column {missing[0]!r})")
+        table["name"] = table["name"].fillna("")
+        _check_counts(csv, table)
         return _label(p), table
     from .pipeline import audit
 
     result = audit(p, allow_pickle=allow_pickle, max_spectra=0, **options)
     return result.model, result.details
+
+
+def _check_counts(csv: Path, table: pd.DataFrame) -> None:
+    """rand_num_spikes must be a whole number >= 0 (or empty) in every row."""
+    col = pd.to_numeric(table["rand_num_spikes"], errors="coerce")
+    whole = col.abs().lt(float("inf")) & col.ge(0) & col.mod(1).eq(0)
+    bad = col.notna() & ~whole
+    if bad.any():
+        row = int(bad.idxmax())
+        raise FormatError(f"{csv}: row {row + 2}: rand_num_spikes {table['rand_num_spikes'][row]!r}"
+                          " is not a count (a whole number >= 0); the file is not an llm-audit "
+                          "layers.csv or was edited")
 
 
 def _label(folder: Path) -> str:

@@ -29,9 +29,14 @@ _RESULT_OPTIONS = ("seed", "randomize", "trap_rule", "fix_fingers", "precision")
 
 
 def job_key(job: MatrixJob, opts: AuditOptions) -> str:
-    """What decides a job's result rows: options, code version, and where its bytes live."""
-    parts = [(p.name, p.file.name, p.file.stat().st_size, p.begin, p.end, p.dtype, list(p.shape))
-             for p in job.parts]
+    """What decides a job's result rows: options, code version, and which bytes: each part's
+    file (its resolved path, size, modification time and inode: another checkpoint with the
+    same names and shapes, or this one rewritten in place, does not match) and byte range."""
+    parts = []
+    for p in job.parts:
+        st = p.file.stat()
+        parts.append((p.name, str(p.file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino,
+                      p.begin, p.end, p.dtype, list(p.shape)))
     ident = {"version": __version__, "options": {k: getattr(opts, k) for k in _RESULT_OPTIONS},
              "job": [job.name, job.scheme, job.layer, job.module, job.expert], "parts": parts}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
@@ -68,16 +73,19 @@ class Journal:
         done: dict[str, tuple[MatrixResult, ...]] = {}
         if not self.path.is_file():
             return done
-        with open(self.path, encoding="utf-8") as f:
+        bad = 0
+        with open(self.path, "rb") as f:  # bytes: a damaged line must not stop the others
             for line in f:
                 try:
-                    entry = json.loads(line)
+                    entry = json.loads(line.decode("utf-8"))
                     rows = tuple(_restore(r, t, o) for r, t, o in zip(
                         entry["rows"], entry["traps"], entry["outliers"], strict=True))
-                except (ValueError, KeyError, TypeError):
-                    log.info("%s: ignoring an incomplete line", self.path)
-                    continue
-                done[entry["key"]] = rows
+                    done[str(entry["key"])] = rows
+                except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                    bad += 1
+        if bad:
+            log.warning("%s: %d damaged or incomplete line(s) ignored; their matrices are "
+                        "computed again", self.path, bad)
         log.info("%s: %d finished jobs to resume from", self.path, len(done))
         return done
 

@@ -27,6 +27,7 @@ from .routing import (
     parse_layer,
     parse_module,
 )
+from .safetext import clip
 from .source import TensorInfo
 
 SUPPORTED_METHODS = ("mxfp4", "fp8", "compressed-tensors", "fbgemm_fp8")
@@ -162,9 +163,10 @@ def _plan_scaled(t: TensorInfo, by_name: Mapping[str, TensorInfo], method: str |
 
 def _fp8_block_job(t: TensorInfo, scale_inv: TensorInfo,
                    config: Mapping) -> tuple[list[MatrixJob], str | None]:
-    block = (config.get("quantization_config") or {}).get("weight_block_size") or [128, 128]
-    if list(block) != [128, 128]:
-        return [], f"weight_block_size {list(block)} is not supported (only [128, 128])"
+    qc = config.get("quantization_config")
+    block = (qc.get("weight_block_size") if isinstance(qc, Mapping) else None) or [128, 128]
+    if not isinstance(block, list) or block != [128, 128]:
+        return [], f"weight_block_size {clip(block)} is not supported (only [128, 128])"
     want = [math.ceil(t.shape[0] / 128), math.ceil(t.shape[1] / 128)]
     if list(scale_inv.shape) != want:
         return [], (f"weight_scale_inv {list(scale_inv.shape)} does not match 128x128 blocks of "
@@ -174,6 +176,8 @@ def _fp8_block_job(t: TensorInfo, scale_inv: TensorInfo,
 
 
 def _scale_fits(scale: tuple[int, ...], weight: tuple[int, ...]) -> bool:
+    if math.prod(scale) == 0:  # an empty scale fits nothing (and must not divide by zero)
+        return False
     if math.prod(scale) == 1:
         return True
     if len(scale) == 1:

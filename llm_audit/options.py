@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from .errors import UsageError
+from .safetext import clip
 
 TRAP_RULES = ("ww", "tw")
 FIX_FINGERS = ("none", "clip_xmax")
@@ -30,10 +30,7 @@ class AuditOptions:
     def __post_init__(self) -> None:
         for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
             if rx is not None:
-                try:
-                    re.compile(rx)
-                except re.error as e:
-                    raise UsageError(f"{flag} {rx!r} is not a valid regular expression: {e}") from e
+                compile_filter(rx, flag)
         if self.trap_rule not in TRAP_RULES:
             raise UsageError(f"--trap-rule must be one of {', '.join(TRAP_RULES)}, "
                              f"got {self.trap_rule!r}")
@@ -45,9 +42,11 @@ class AuditOptions:
                              f"got {self.fix_fingers!r}")
 
     def wants(self, name: str) -> bool:
-        if self.include is not None and not re.search(self.include, name):
+        """Whether --include/--exclude keep the tensor `name` (linear-time matching: a pattern
+        like '(a+)+$' against a hostile header name cannot hang the audit)."""
+        if self.include is not None and not compile_filter(self.include).search(name):
             return False
-        return not (self.exclude is not None and re.search(self.exclude, name))
+        return not (self.exclude is not None and compile_filter(self.exclude).search(name))
 
     def eig_dtype(self) -> torch.dtype:
         """The precision eigenvalues are first computed in."""
@@ -61,7 +60,30 @@ class AuditOptions:
         except RuntimeError as e:
             raise UsageError(f"--device {self.device!r} is not a device (use auto, cpu or cuda)") \
                 from e
+        if dev.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {clip(self.device)!r} is not supported (use auto, cpu or "
+                             "cuda[:i])")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for but no CUDA device is available; "
                              "use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {self.device}: there are only "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
         return dev
+
+
+def compile_filter(pattern: str, flag: str = "--include"):
+    """A compiled --include/--exclude pattern. RE2 (google-re2), not Python's backtracking
+    `re`: tensor names come from untrusted headers, and RE2 matches in time linear in the
+    name whatever the pattern (it has no backreferences or lookaround; those are refused)."""
+    import re2
+
+    opts = re2.Options()
+    opts.log_errors = False  # the reason goes into our one-line error, not to stderr
+    try:
+        return re2.compile(pattern, options=opts)
+    except re2.error as e:
+        reason = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise UsageError(f"{flag} {clip(pattern)!r} is not a regular expression the linear-time "
+                         f"matcher accepts ({reason}; backreferences and lookaround are not "
+                         "supported)") from e

@@ -37,7 +37,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError,
-            AttributeError, ImportError, TypeError) as e:
+            AttributeError, ImportError, TypeError, RecursionError) as e:
         msg = " ".join(str(e).split())[:300]
         raise FormatError(f"{path}: cannot load with torch.load(weights_only=True): "
                           f"{type(e).__name__}: {msg}") from e
@@ -46,7 +46,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
-    tensors = dict(_flatten(obj, ""))
+    tensors = dict(_flatten(obj, path))
     if not tensors:
         raise FormatError(f"{path}: no tensors found in the pickle checkpoint")
     return tensors
@@ -57,16 +57,30 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _flatten(obj, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(obj, torch.Tensor):
-        if prefix:
-            yield prefix, obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
+MAX_NESTING = 64  # containers inside containers of a state dict; deeper is refused
+
+
+def _flatten(obj, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) of every tensor in nested dicts/lists, depth first, in order;
+    iterative (a hostile pickle nested 3,000 deep must not exhaust Python's stack)."""
+    stack = [("", obj, 0)]
+    while stack:
+        prefix, node, depth = stack.pop()
+        if isinstance(node, torch.Tensor):
+            if prefix:
+                yield prefix, node
+            continue
+        if isinstance(node, Mapping):
+            items = [(str(k), v) for k, v in node.items()]
+        elif isinstance(node, (list, tuple)):
+            items = [(str(i), v) for i, v in enumerate(node)]
+        else:
+            continue
+        if depth >= MAX_NESTING:
+            raise FormatError(f"{path}: containers nested deeper than {MAX_NESTING} levels; "
+                              "not a state dict")
+        stack.extend((f"{prefix}.{k}" if prefix else k, v, depth + 1)
+                     for k, v in reversed(items))
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> Path:

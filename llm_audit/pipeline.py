@@ -76,6 +76,7 @@ def audit(source: str | Path, *, allow_pickle: bool = False,
     `max_spectra` matrices (the most suspicious) keep their eigenvalues for the figures.
     """
     opts = AuditOptions(**options)
+    opts.torch_device()  # a bad --device fails here, before anything is read or downloaded
     if resume and workdir is None:
         raise UsageError("--resume needs the output folder of the interrupted audit")
     t0 = time.perf_counter()
@@ -119,6 +120,10 @@ def iter_audit(jobs: list[MatrixJob], opts: AuditOptions, progress: Observer | N
     device = opts.torch_device()
     keys = [job_key(j, opts) for j in jobs] if journal is not None else [None] * len(jobs)
     cached = [journal.cached(k) if journal is not None else None for k in keys]
+    if journal is not None and len(journal.done) > sum(c is not None for c in cached):
+        log.warning("%d finished job(s) in the journal do not match this checkpoint's files "
+                    "(another checkpoint, or it changed since): computed again",
+                    len(journal.done) - sum(c is not None for c in cached))
     total = sum(j.nbytes for j in jobs)
     if progress is not None:
         progress(AuditStarted(model, len(jobs), total, sum(c is not None for c in cached)))

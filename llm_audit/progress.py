@@ -87,6 +87,7 @@ class JsonLog:
     """JSON lines to a file: {"event": "start"|"matrix"|"end", ...} (context manager)."""
 
     def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
         self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115
         self.t0 = time.time()
 
@@ -94,12 +95,19 @@ class JsonLog:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as e:
+            if exc[0] is None:
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def write(self, event: str, **fields) -> None:
         line = {"event": event, "time": round(time.time(), 3), **fields}
-        self.file.write(json.dumps(line, default=_jsonable, allow_nan=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(line, default=_jsonable, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as e:  # e.g. ENOSPC: say which file (the OSError of a write does not)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, AuditStarted):

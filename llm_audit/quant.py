@@ -98,7 +98,7 @@ def scaled_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return W.mul_(s.reshape(()))
     if s.ndim == 1 and s.shape[0] == R:
         s = s.unsqueeze(1)
-    if s.ndim == 2 and s.shape[0] == R and C % s.shape[1] == 0:
+    if s.ndim == 2 and s.shape[0] == R and s.shape[1] > 0 and C % s.shape[1] == 0:
         G = s.shape[1]
         return W.view(R, G, C // G).mul_(s.unsqueeze(-1)).view(R, C)
     raise DecodeError(f"scale {list(scale.shape)} does not fit weight {[R, C]} (need per-tensor "

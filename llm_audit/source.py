@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FormatError, SourceError
+from .safetext import clip
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Checkpoint:
 
     @property
     def config_dict(self) -> dict:
-        return json.loads(self.config)
+        return json.loads(self.config)  # validated to be a JSON object by open_checkpoint
 
     @property
     def total_bytes(self) -> int:
@@ -153,25 +154,32 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False,
         raise SourceError(f"{path}: no such file or folder (give a .safetensors file, a model "
                           "folder, or a hub id org/name)")
     root = path if path.is_dir() else path.parent
-    config = _read_text(root / "config.json") if (root / "config.json").is_file() else "{}"
+    config = _read_config(root / "config.json")
     if path.is_dir() and allow_pickle and _pickle_only_folder(path):
         files, weight_map = _pickle_files(path), None
     elif path.is_dir():
-        files, weight_map = _folder_files(path, shards)
+        files, weight_map = _folder_files(path, shards, allow_pickle)
     else:
         _refuse_pickle(path, allow_pickle)
         files, weight_map = [path], None
-    files, converted = _convert_pickles(files)
-    tensors, metadata = [], {}
+    files, converted, origin = _convert_pickles(files)
+    tensors, metadata, owner = [], {}, {}
     for f in files:
         ts, meta = read_header(f)
         metadata.update(meta)
         if weight_map is not None:  # route every tensor through the index, on its own
-            ts = [t for t in ts if weight_map.get(t.name) == f.name]
+            shard = _shard_name(path, f, origin)
+            ts = [t for t in ts if _norm(weight_map.get(t.name)) == shard]
+        for t in ts:
+            if t.name in owner:
+                raise FormatError(f"{path}: tensor {clip(t.name)!r} is in both {owner[t.name]} "
+                                  f"and {t.file}; which one is meant? Add a {INDEX_NAME} that "
+                                  "maps each tensor to one shard, or remove the duplicate")
+            owner[t.name] = t.file
         tensors.extend(ts)
     if weight_map is not None:
-        names = {f.name for f in files}
-        _check_index_complete(path, {k: v for k, v in weight_map.items() if Path(v).name in names},
+        names = {_shard_name(path, f, origin) for f in files}
+        _check_index_complete(path, {k: v for k, v in weight_map.items() if _norm(v) in names},
                               {t.name for t in tensors})
     model_name = name or (path.name if path.is_dir() else _model_name_for_file(path))
     ckpt = Checkpoint(model_name, root, tuple(files), tuple(tensors), config, revision,
@@ -185,6 +193,35 @@ def _model_name_for_file(path: Path) -> str:
     return path.parent.name if path.stem == "model" and path.parent.name else path.stem
 
 
+def _norm(shard: str | None) -> str | None:
+    """A shard name from an index as a relative POSIX path ('./a/b' -> 'a/b')."""
+    return None if shard is None else Path(shard).as_posix().removeprefix("./")
+
+
+def _shard_name(folder: Path, f: Path, origin: dict[Path, Path]) -> str:
+    """How the index names file `f` (a converted pickle: as the pickle it came from)."""
+    src = origin.get(f, f)
+    try:
+        return src.relative_to(folder).as_posix()
+    except ValueError:
+        return src.name
+
+
+def _read_config(path: Path) -> str:
+    """config.json's text (``{}`` without one), refused unless it is a JSON object."""
+    if not path.is_file():
+        return "{}"
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: not valid JSON ({type(e).__name__}); fix or remove it") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: must be a JSON object, got {type(data).__name__}; fix or "
+                          "remove it")
+    return text
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -192,13 +229,16 @@ def _read_text(path: Path) -> str:
         raise FormatError(f"{path}: cannot read ({e})") from e
 
 
-def _folder_files(folder: Path, shards: Collection[str] | None = None
-                  ) -> tuple[list[Path], dict[str, str] | None]:
+def _folder_files(folder: Path, shards: Collection[str] | None = None,
+                  allow_pickle: bool = False) -> tuple[list[Path], dict[str, str] | None]:
     index = folder / INDEX_NAME
     if index.is_file():
         weight_map = load_weight_map(index)
         wanted = sorted(s for s in set(weight_map.values()) if shards is None or s in shards)
-        return [safe_child(folder, s, index) for s in wanted], weight_map
+        files = [safe_child(folder, s, index) for s in wanted]
+        for s in wanted:
+            _check_shard_kind(index, s, allow_pickle)
+        return files, weight_map
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files, None
@@ -208,12 +248,27 @@ def _folder_files(folder: Path, shards: Collection[str] | None = None
     raise SourceError(f"{folder}: no *.safetensors files and no {INDEX_NAME}{hint}")
 
 
+def _check_shard_kind(index: Path, shard: str, allow_pickle: bool) -> None:
+    """An index routes to safetensors shards only; to a pickle only with --allow-pickle."""
+    suffix = Path(shard).suffix
+    if suffix == ".safetensors":
+        return
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise SourceError(f"{index}: maps tensors to the pickle file {clip(shard)!r}; pickles "
+                          "are not opened by default (unpickling runs code): convert it to "
+                          "safetensors or pass --allow-pickle")
+    if suffix not in PICKLE_SUFFIXES:
+        raise FormatError(f"{index}: shard {clip(shard)!r} is not a .safetensors file")
+
+
 def load_weight_map(index: Path) -> dict[str, str]:
     """Read ``weight_map`` from a ``model.safetensors.index.json``, validated."""
     try:
         data = json.loads(_read_text(index))
     except json.JSONDecodeError as e:
         raise FormatError(f"{index}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    except RecursionError as e:
+        raise FormatError(f"{index}: not an index (JSON nested too deeply)") from e
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                            for k, v in wm.items()):
@@ -257,16 +312,17 @@ def _pickle_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
 
 
-def _convert_pickles(files: list[Path]) -> tuple[list[Path], Path | None]:
-    """Pickle files (allowed by then) -> temporary safetensors, loaded with weights_only=True."""
+def _convert_pickles(files: list[Path]) -> tuple[list[Path], Path | None, dict[Path, Path]]:
+    """Pickle files (allowed by then) -> temporary safetensors, loaded with weights_only=True:
+    (the files, the temporary folder or None, {converted file: the pickle it came from})."""
     pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
     if not pickles:
-        return files, None
+        return files, None, {}
     from .pickle_source import convert_pickles
 
     tmp, converted = convert_pickles(pickles)
     by_src = dict(zip(pickles, converted, strict=True))
-    return [by_src.get(f, f) for f in files], tmp
+    return [by_src.get(f, f) for f in files], tmp, dict(zip(converted, pickles, strict=True))
 
 
 def read_bytes(info: TensorInfo, handle, out=None):

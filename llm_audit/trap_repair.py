@@ -37,6 +37,7 @@ from .analysis import MIN_EVALS, matrix_generator
 from .anatomy import NO_TRAPS, TRAP_CLASSES, Anatomy
 from .errors import UsageError
 from .options import AuditOptions
+from .report.writers import atomic_write, csv_text
 
 log = logging.getLogger(__name__)
 METHODS = ("clip", "subtract")
@@ -153,7 +154,7 @@ def repair(source: str | Path, out: str | Path, *, method: str = "clip",
     after = audit(out, **options, max_spectra=0)
     after.write(out / "repair_audit")
     table = _table(rows, before, after.details.set_index("name"), method, classes)
-    table.to_csv(out / "repair.csv", index=False)
+    atomic_write(out / "repair.csv", csv_text(table))
     return RepairResult(out=out, table=table)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .html import environment, fmt, table
 from .markdown import _code, _fmt
-from .writers import atomic_write
+from .writers import atomic_write, csv_text
 
 MAX_MD_ROWS = 50
 NUMERIC = ("alpha_a", "alpha_b", "d_alpha", "traps_a", "traps_b", "d_traps", "log_norm_a",
@@ -19,7 +19,7 @@ def write_diff_reports(out: Path, result, formats: tuple[str, ...]) -> list[Path
     written = []
     if "csv" in formats:
         written.append(out / "diff.csv")
-        atomic_write(written[-1], result.table.to_csv(index=False))
+        atomic_write(written[-1], csv_text(result.table))
     if "json" in formats:
         written.append(out / "diff.json")
         data = {"summary": result.summary, "only_a": list(result.only_a),

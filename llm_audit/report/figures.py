@@ -16,9 +16,11 @@ import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.ticker import MaxNLocator
 
+from ..safetext import terminal
 from ..spectra import Spectra
 
 DPI = 80
+LABEL_MAX = 60  # characters of a header-supplied label in a figure
 _RC = {"font.size": 9, "axes.titlesize": 9,
        "svg.fonttype": "none"}
 
@@ -243,9 +245,13 @@ def mp_density(x: np.ndarray, bulk_max: float, Q: float) -> np.ndarray:
 
 
 def _short(text: str, n: int) -> str:
-    return _safe(text if len(text) <= n else "…" + text[-(n - 1):])
+    """The end of a long name (its most specific part), drawn safely."""
+    return _safe(text if len(text) <= n else "…" + text[-(n - 1):], limit=n)
 
 
-def _safe(text: str) -> str:
-    """Text from a header, drawn literally: '$' would start matplotlib mathtext."""
-    return text.replace("$", r"\$")
+def _safe(text: str, limit: int = LABEL_MAX) -> str:
+    """Text from a header, drawn literally ('$' would start matplotlib mathtext), one line,
+    at most `limit` characters (a megabyte name in a legend takes minutes to lay out)."""
+    t = terminal(text)
+    t = t if len(t) <= limit else t[:limit - 1] + "…"
+    return t.replace("$", r"\$")

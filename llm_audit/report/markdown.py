@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..safetext import terminal
 from .html import elapsed_text, precision_text, trap_classes_text
 from .html import fmt as _fmt
 
@@ -15,6 +16,7 @@ TABLE_COLUMNS = ("name", "layer", "module", "expert", "N", "M", "alpha", "D", "n
                  "log_norm", "rand_num_spikes", "traps_mean", "traps_entries", "traps_tail",
                  "max_rand_eval", "rand_bulk_max", "warning")
 MAX_FLAGGED_ROWS = 50
+NAME_MAX = 300  # characters of a name or reason in a cell
 MAX_TABLE_ROWS = 300
 
 
@@ -103,8 +105,9 @@ def _table(df: pd.DataFrame, limit: int) -> list[str]:
 
 
 def _code(text) -> str:
-    """A code span that holds any text: backtick fence longer than any run inside."""
-    t = " ".join(str(text).split("\n")).replace("|", "\\|")
+    """A code span that holds any text: backtick fence longer than any run inside; control
+    characters (CR, LF, escapes) shown as escapes, so no name ends a table row."""
+    t = terminal(text, NAME_MAX).replace("|", "\\|")
     fence = "`" * (max((len(x) for x in _backtick_runs(t)), default=0) + 1)
     pad = " " if t.startswith("`") or t.endswith("`") else ""
     return f"{fence}{pad}{t}{pad}{fence}"
@@ -122,8 +125,8 @@ def _backtick_runs(t: str) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    """Plain text in a table cell: no HTML, no markdown links or emphasis."""
-    t = " ".join(str(text).split("\n"))
+    """Plain text in a table cell: no HTML, no markdown links or emphasis, one line."""
+    t = terminal(text, NAME_MAX)
     for ch in "\\`*_[]|<>!":
         t = t.replace(ch, "\\" + ch)
     return t

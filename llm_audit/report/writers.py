@@ -5,6 +5,7 @@ Every file is written atomically: a crash never leaves a half-written file in pl
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -53,10 +54,10 @@ def write_reports(out: Path, details: pd.DataFrame, summary: dict, skipped: pd.D
     written = []
     if "csv" in formats:
         written.append(out / "layers.csv")
-        atomic_write(written[-1], details.to_csv(index=False))
+        atomic_write(written[-1], csv_text(details))
         if traps is not None:
             written.append(out / "traps.csv")
-            atomic_write(written[-1], traps.to_csv(index=False))
+            atomic_write(written[-1], csv_text(traps))
     if "json" in formats:
         written.append(out / "summary.json")
         atomic_write(written[-1], json.dumps(summary, indent=2, default=_jsonable) + "\n")
@@ -82,6 +83,12 @@ def write_reports(out: Path, details: pd.DataFrame, summary: dict, skipped: pd.D
         written.append(out / "report.html")
         atomic_write(written[-1], render_html(details, summary, skipped, figures))
     return written
+
+
+def csv_text(df: pd.DataFrame) -> str:
+    """CSV with every text field quoted: a CR, LF or comma inside a name read from a header
+    stays inside its field (pandas' minimal quoting leaves a CR bare: 5 rows read back for 3)."""
+    return df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def _jsonable(x):
