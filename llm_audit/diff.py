@@ -85,8 +85,8 @@ def _check_counts(csv: Path, table: pd.DataFrame) -> None:
     bad = col.notna() & ~whole
     if bad.any():
         row = int(bad.idxmax())
-        raise FormatError(f"{csv}: row {row + 2}: rand_num_spikes {table['rand_num_spikes'][row]!r}"
-                          " is not a count (a whole number >= 0); the file is not an llm-audit "
+        raise FormatError(f"{csv}: row {row + 2}: rand_num_spikes {col[row]:g} is not a count"
+                          " (a whole number >= 0); the file is not an llm-audit "
                           "layers.csv or was edited")
 
 
