@@ -12,7 +12,7 @@ from toy_experiments.modadd_report import phases
 
 HISTORY = ["step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
            "num_traps", "l2_norm", "activation_sparsity", "abs_weight_entropy",
-           "circuit_complexity"]
+           "circuit_complexity", "lr", "lr_steps", "num_traps_tw"]
 
 
 def test_data_split_is_a_seeded_partition_of_all_pairs():
@@ -76,13 +76,24 @@ def test_smoke_run_writes_history_layers_figures(tmp_path):
     assert list(hist.columns) == HISTORY
     assert hist["step"].iloc[0] == 0 and hist["step"].iloc[-1] == 60
     assert hist["train_acc"].iloc[-1] > hist["train_acc"].iloc[0]
+    # lr_steps: Σ lr of the smoke schedule (3e-3 after a 10-step linear warm-up)
+    assert hist["lr_steps"].iloc[-1] == pytest.approx(3e-3 * (sum(range(1, 11)) / 10 + 50))
     layers = pd.read_csv(tmp_path / "layers.csv")
+    assert list(layers.columns) == list(mt.LAYER_COLUMNS)
+    assert {"rand_num_spikes_ww", "traps_tail_tw"} <= set(layers.columns)
     assert set(layers["name"]) == set(modadd.AUDITED)
     assert len(layers) == len(hist) * len(modadd.AUDITED)
     for f in ("accuracy", "traps_per_layer", "alpha_per_layer", "comparison_signals",
               "max_entry_per_layer"):
         assert (tmp_path / "figures" / f"{f}.png").stat().st_size > 0
     assert (tmp_path / "snapshots").is_dir()
+
+
+def test_nanda_preset_is_the_canonical_recipe():
+    pr = mt.PRESETS["nanda"]
+    assert (pr.p, pr.train_frac, pr.schedule, pr.betas, pr.warmup, pr.dtype) == (
+        113, 0.3, ((1, 1e-3, 1.0, 1e-8),), (0.9, 0.98), 10, "float32")
+    assert mt.hyper(pr, 5) == (5e-4, 1.0, 1e-8) and mt.hyper(pr, 20_000)[0] == 1e-3
 
 
 def test_cli_parses_the_documented_flags(tmp_path):

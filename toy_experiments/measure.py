@@ -42,6 +42,10 @@ Forward = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, list[tor
 
 SIGNAL_COLUMNS = ("l2_norm", "activation_sparsity", "abs_weight_entropy", "circuit_complexity")
 AUDIT_COLUMNS = ("mean_alpha", "num_traps")
+TRAP_RULES = ("ww", "tw")
+#: per-rule columns of layers.csv (suffixed _ww / _tw)
+RULE_COLUMNS = ("rand_num_spikes", "max_rand_eval", "trap_threshold", "traps_mean",
+                "traps_entries", "traps_tail", "trap_entries", "trap_rows", "trap_cols")
 LAYER_COLUMNS = ("step", "name", "N", "M", "alpha", "num_pl_spikes", "lambda_max", "log_norm",
                  "stable_rank", "entropy", "num_spikes", "rand_num_spikes", "max_rand_eval",
                  "trap_threshold", "rand_distance", "entry_mean", "entry_std",
@@ -176,6 +180,37 @@ def audit_rows(model: torch.nn.Module | dict, step: int, options: AuditOptions |
     layers = [{"step": step, **{c: getattr(r, c) for c in columns if hasattr(r, c)}}
               for r in report.layers]
     return hist, layers
+
+
+def both_rules_columns(base: Sequence[str] = LAYER_COLUMNS) -> tuple[str, ...]:
+    """layers.csv columns: ``base`` plus each rule's RULE_COLUMNS."""
+    return (*base, "xmin", "D", "num_fingers", "raw_alpha",
+            *(f"{c}_{r}" for r in TRAP_RULES for c in RULE_COLUMNS))
+
+
+TRAP_CSV_COLUMNS = ("step", "name", "rule", "trap", "eigenvalue", "class", "half_mass_entries",
+                    "entries")
+
+
+def audit_both_rules(weights, step: int, out: Path, *, seed: int, device: str,
+                     min_evals: int, columns: Sequence[str],
+                     fix_fingers: str = "clip_xmax") -> tuple[dict, list[dict]]:
+    """The ``ww`` audit (history's mean α and num_traps, WeightWatcher's rule) with each layer
+    row carrying both rules' RULE_COLUMNS, ``num_traps_tw`` in the history fields, and every
+    trap of both rules appended to ``out/traps.csv``."""
+    rows, traps = {}, []
+    for rule in TRAP_RULES:
+        opts = AuditOptions(seed=seed, device=device, trap_rule=rule, fix_fingers=fix_fingers)
+        rows[rule] = audit_rows(weights, step, opts, min_evals=min_evals,
+                                columns=(*columns, *RULE_COLUMNS))
+        traps += [{"step": step, **t} for t in rows[rule][0].pop("traps")]
+    append_csv(Path(out) / "traps.csv", traps, TRAP_CSV_COLUMNS)
+    audit, layer_rows = rows["ww"]
+    for row, ww, tw in zip(layer_rows, rows["ww"][1], rows["tw"][1], strict=True):
+        for rule, other in (("ww", ww), ("tw", tw)):
+            row.update({f"{c}_{rule}": other[c] for c in RULE_COLUMNS})
+    audit["num_traps_tw"] = rows["tw"][0]["num_traps"]
+    return audit, layer_rows
 
 
 # ---------------------------------------------------------------- outputs

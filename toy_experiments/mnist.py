@@ -22,20 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llm_audit import AuditOptions, records
-
 from . import measure, schedules
 from .data import Split, notebook_subsets
 from .mlp import TRAINERS, FastMLP, notebook_init
 
 HISTORY_COLUMNS = ("step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
                    "num_traps", *measure.SIGNAL_COLUMNS, "lr", "lr_steps", "num_traps_tw")
-TRAP_RULES = ("ww", "tw")
-RULE_COLUMNS = ("rand_num_spikes", "max_rand_eval", "trap_threshold", "traps_mean",
-                "traps_entries", "traps_tail", "trap_entries", "trap_rows", "trap_cols")
-TRAP_COLUMNS = ("step", *records.TRAP_COLUMNS)
-LAYER_COLUMNS = (*measure.LAYER_COLUMNS, "xmin", "D", "num_fingers", "raw_alpha",
-                 *(f"{c}_{r}" for r in TRAP_RULES for c in RULE_COLUMNS))
+LAYER_COLUMNS = measure.both_rules_columns()
 MIN_EVALS = 10  # WeightWatcher's default: fc3 (200×10) has exactly 10 eigenvalues
 SNAPSHOTS = 24  # snapshots kept per run (float32, 0.8 MB each), plus best.safetensors
 
@@ -133,25 +126,6 @@ def evaluate(model: nn.Module, data: Split, chunk: int = 5000) -> tuple[float, f
     return correct / len(data.y), sq / (10 * len(data.y))
 
 
-def audit_both_rules(run: Run, model: nn.Module, step: int) -> tuple[dict, list[dict]]:
-    """The ``ww`` audit (history's mean α and num_traps, as the notebook's WeightWatcher
-    call) with each layer row carrying both rules' trap columns, and ``num_traps_tw``."""
-    rows, traps = {}, []
-    for rule in TRAP_RULES:
-        opts = AuditOptions(seed=run.seed, device=str(run.device), trap_rule=rule,
-                            fix_fingers="clip_xmax")
-        rows[rule] = measure.audit_rows(model, step, opts, min_evals=MIN_EVALS,
-                                        columns=(*LAYER_COLUMNS, *RULE_COLUMNS))
-        traps += [{"step": step, **t} for t in rows[rule][0].pop("traps")]
-    measure.append_csv(run.out / "traps.csv", traps, TRAP_COLUMNS)
-    audit, layer_rows = rows["ww"]
-    for row, ww, tw in zip(layer_rows, rows["ww"][1], rows["tw"][1], strict=True):
-        for rule, other in (("ww", ww), ("tw", tw)):
-            row.update({f"{c}_{rule}": other[c] for c in RULE_COLUMNS})
-    audit["num_traps_tw"] = rows["tw"][0]["num_traps"]
-    return audit, layer_rows
-
-
 def measure_step(run: Run, fast: FastMLP, data: Data, step: int, snapshot: bool) -> dict:
     """One row of history.csv (+ its layers.csv rows and, if asked, a snapshot)."""
     model = fast.module()
@@ -159,7 +133,9 @@ def measure_step(run: Run, fast: FastMLP, data: Data, step: int, snapshot: bool)
     test_acc, test_loss = evaluate(model, data.test)
     gen = torch.Generator(device=run.device).manual_seed(run.seed * 7919 + step)
     signals = measure.notebook_signals(model, data.fixed_x, generator=gen)
-    audit, layer_rows = audit_both_rules(run, model, step)
+    audit, layer_rows = measure.audit_both_rules(model, step, run.out, seed=run.seed,
+                                                 device=str(run.device), min_evals=MIN_EVALS,
+                                                 columns=LAYER_COLUMNS)
     measure.append_csv(run.out / "layers.csv", layer_rows, LAYER_COLUMNS)
     if snapshot:
         measure.save_snapshot(model, run.out, step, dtype=torch.float32)

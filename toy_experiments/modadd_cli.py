@@ -13,11 +13,11 @@ from .cli_args import add_run_arguments
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("modadd", help="modular addition, Nanda et al.'s 1-layer transformer")
-    add_run_arguments(m, seed_help="data split / init / audit seed")
+    add_run_arguments(m, seed_help="data split / init / audit seed",
+                      presets=("smoke", "nanda", "quick", "paper"))
     m.add_argument("--p", type=int, default=None, help="override the preset's modulus")
     m.add_argument("--train-frac", type=float, default=None,
                    help="override the preset's fraction of the p² pairs used for training")
-    m.add_argument("--trap-rule", choices=("ww", "tw"), default="ww")
 
 
 def run(args: argparse.Namespace, device: Callable[[str], torch.device]) -> int:
@@ -29,8 +29,7 @@ def run(args: argparse.Namespace, device: Callable[[str], torch.device]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = mt.preset_with(args.preset, steps=args.steps, p=args.p, train_frac=args.train_frac)
-    r = mt.Run(preset=preset, out=args.out, seed=args.seed, device=device(args.device),
-               trap_rule=args.trap_rule)
+    r = mt.Run(preset=preset, out=args.out, seed=args.seed, device=device(args.device))
     print(f"modadd preset={args.preset} {preset} seed={args.seed} device={r.device} "
           f"out={args.out}", flush=True)
     t0 = time.perf_counter()

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import torch
 
-from llm_audit import AuditOptions
-
 from . import measure
 from . import modadd as ma
 from .modadd import ModAddData, ModAddTransformer
 from .optim import AdamW
 
 HISTORY_COLUMNS = ("step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
-                   "num_traps", *measure.SIGNAL_COLUMNS)
+                   "num_traps", *measure.SIGNAL_COLUMNS, "lr", "lr_steps", "num_traps_tw")
+LAYER_COLUMNS = measure.both_rules_columns()
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,9 @@ class Preset:
 PRESETS = {
     "smoke": Preset(p=23, train_frac=0.5, steps=200, schedule=((1, 3e-3, 1.0, 1e-8),),
                     per_decade=3, checkpoint_every=100),
+    # Nanda et al.'s canonical recipe (NOTES §3), on this CPU past grokking (~13-14.5k steps)
+    "nanda": Preset(p=113, train_frac=0.3, steps=30_000, per_decade=16, checkpoint_every=5_000,
+                    extra_steps=tuple(range(500, 30_001, 500))),
     # Nanda et al.'s recipe, trained far beyond grokking (~14k steps); meant for a GPU.
     "paper": Preset(p=113, train_frac=0.3, steps=1_000_000, per_decade=16,
                     checkpoint_every=20_000),
@@ -85,24 +87,31 @@ class Run:
     out: Path
     seed: int = 0
     device: torch.device = torch.device("cpu")
-    trap_rule: str = "ww"
 
 
-def measure_step(run: Run, model: ModAddTransformer, data: ModAddData, step: int) -> dict:
+def measure_step(run: Run, model: ModAddTransformer, data: ModAddData, step: int,
+                 lr_steps: float = 0.0) -> dict:
     """One row of history.csv (+ layers.csv rows and a snapshot written)."""
     train_acc, train_loss = ma.evaluate(model, data.train_x, data.train_y)
     test_acc, test_loss = ma.evaluate(model, data.test_x, data.test_y)
     gen = torch.Generator(device=run.device).manual_seed(run.seed * 7919 + step)
     signals = measure.comparison_signals(model, data.train_x, ma.forward_with_hiddens,
                                          generator=gen)
-    opts = AuditOptions(seed=run.seed, device=str(run.device), trap_rule=run.trap_rule)
-    audit, layer_rows = measure.audit_rows(ma.audited_weights(model), step, opts)
-    measure.append_csv(run.out / "layers.csv", layer_rows, measure.LAYER_COLUMNS)
+    audit, layer_rows = measure.audit_both_rules(
+        ma.audited_weights(model), step, run.out, seed=run.seed, device=str(run.device),
+        min_evals=1, columns=LAYER_COLUMNS, fix_fingers="none")
+    measure.append_csv(run.out / "layers.csv", layer_rows, LAYER_COLUMNS)
     measure.save_snapshot(model, run.out, step)
+    lr = hyper(run.preset, max(step, 1))[0]
     row = dict(step=step, train_acc=train_acc, test_acc=test_acc, train_loss=train_loss,
-               test_loss=test_loss, **signals, **audit)
+               test_loss=test_loss, **signals, **audit, lr=lr, lr_steps=lr_steps)
     measure.append_csv(run.out / "history.csv", [row], HISTORY_COLUMNS)
     return row
+
+
+def _lr_steps(pr: Preset, step: int) -> float:
+    """Σ lr over steps 1..step (warm-up and ramps included)."""
+    return sum(hyper(pr, s)[0] for s in range(1, step + 1))
 
 
 def save_checkpoint(run: Run, model: ModAddTransformer, opt: AdamW,
@@ -139,6 +148,7 @@ def train(run: Run) -> Path:
     run.out.mkdir(parents=True, exist_ok=True)
     data, model, opt = setup(run)
     step = load_checkpoint(run, model, opt)
+    lr_sum = _lr_steps(pr, step)  # Σ lr so far (once, on resuming), then accumulated
     grid = sorted(set(measure.log_schedule(pr.steps, pr.per_decade)) | set(pr.extra_steps))
     todo = [s for s in grid if s > step or step == 0]
     t0, done = time.perf_counter(), 0
@@ -148,13 +158,14 @@ def train(run: Run) -> Path:
     while step < pr.steps:
         step += 1
         lr, opt.weight_decay, opt.eps = hyper(pr, step)
+        lr_sum += lr
         opt.zero_grad()
         ma.loss_fn(model(data.train_x), data.train_y).backward()
         opt.step(lr)
         done += 1
         if todo and step == todo[0]:
             todo = todo[1:]
-            measure.print_progress(measure_step(run, model, data, step), t0, done)
+            measure.print_progress(measure_step(run, model, data, step, lr_sum), t0, done)
         if step % pr.checkpoint_every == 0 or step == pr.steps:
             save_checkpoint(run, model, opt, step)
     make_figures(run.out)
