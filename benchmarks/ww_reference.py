@@ -33,7 +33,7 @@ def load_matrices(path, include=None):
                 continue
             t = f.get_tensor(name)
             if t.ndim == 2 and t.is_floating_point():
-                out.append((name, t))
+                out.append((name, t.float()))  # numpy (WeightWatcher) has no bfloat16
     return out
 
 
