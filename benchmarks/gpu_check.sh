@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The one command for a GPU machine (one H200, nothing downloaded), 8 minutes at most:
+# The one command for a GPU machine (one H200, nothing downloaded), ~11 minutes at most:
 #   1. nvidia-smi, disk and memory facts;
 #   2. the GPU-vs-CPU equality tests: python -m pytest -q -m gpu (at most PYTEST_TIMEOUT s);
 #   3. benchmarks/gpu_gptoss.py: a synthetic gpt-oss-20b-shaped checkpoint generated on this
 #      machine's disk and audited end to end, with the 120b projection, stopped in time to report
-#      (--budget) so that the whole script stays within GPU_CHECK_BUDGET seconds.
+#      (--budget) so that the whole script stays within GPU_CHECK_BUDGET seconds;
+#   4. the modular-addition ensemble (10 members on the GPU, ENSEMBLE_MINUTES, default 6),
+#      written to $OUT/modadd_ensemble (resumable: copy it back and rerun to continue).
 # Logs and gpu_gptoss.json go to $OUT if it is set (else /tmp). Exit status: 0 if both steps
 # passed, 1 if the tests failed (or none were selected), 2 if the benchmark failed or was cut
-# short, 3 if both.
+# short, 3 if both; 4 is added if the ensemble failed.
 #
 #   bash benchmarks/gpu_check.sh
 #   GPU_CHECK_BUDGET=600 PYTEST_TIMEOUT=180 bash benchmarks/gpu_check.sh -- --trap-rule ww
@@ -15,7 +17,7 @@
 set -uo pipefail
 
 T0=$SECONDS
-BUDGET=${GPU_CHECK_BUDGET:-480}      # whole script, seconds
+BUDGET=${GPU_CHECK_BUDGET:-270}      # tests + gpt-oss benchmark, seconds
 PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-150}
 DEST=${OUT:-/tmp}
 mkdir -p "$DEST"
@@ -68,7 +70,18 @@ case $BENCH_RC in
     *) echo "== gpu_gptoss: FAIL (exit $BENCH_RC)" ;;
 esac
 
+# -- 3. The modular-addition ensemble (weight decay {1, 0.3, 0.1, 0.03, 0} x seeds {0, 1}),
+# resumable, in the time left (ENSEMBLE_MINUTES, default 8); its folders go to $DEST.
+ENS_MIN=${ENSEMBLE_MINUTES:-6}
+echo "== modadd-ensemble (${ENS_MIN} min)"
+timeout -k 30 "$((ENS_MIN * 60 + 240))" "$PY" -m toy_experiments modadd-ensemble \
+    --out "$DEST/modadd_ensemble" --device cuda --time-limit "$ENS_MIN" 2>&1 | tail -n 40 \
+    | tee "$DEST/modadd_ensemble.log"
+ENS_RC=${PIPESTATUS[0]}
+echo "== modadd-ensemble: exit $ENS_RC"
+
 RC=0
+[ "$ENS_RC" -ne 0 ] && RC=$((RC | 4))
 [ "$TEST_RC" -ne 0 ] && RC=$((RC | 1))
 [ "$BENCH_RC" -ne 0 ] && RC=$((RC | 2))
 echo "== gpu_check done in $((SECONDS - T0)) s: tests rc $TEST_RC, benchmark rc $BENCH_RC -> exit $RC"

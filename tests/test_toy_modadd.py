@@ -105,3 +105,41 @@ def test_cli_parses_the_documented_flags(tmp_path):
     assert (args.experiment, args.preset, args.steps, args.seed) == ("modadd", "quick", 7, 3)
     pr = mt.preset_with(args.preset, steps=args.steps, p=args.p, train_frac=args.train_frac)
     assert (pr.p, pr.train_frac, pr.steps, pr.ramp) == (31, 0.4, 7, (2_000, 6_000, 2e-2))
+
+
+def test_ensemble_members_follow_their_solo_trajectories(tmp_path):
+    """Each member of a stacked ensemble equals the same model trained alone (float64)."""
+    from dataclasses import replace
+
+    from toy_experiments import modadd_ensemble as me
+
+    pr = replace(mt.preset_with("smoke", steps=40), dtype="float64")
+    members = (me.Member(0, 1.0), me.Member(1, 0.1), me.Member(0, 0.0))
+    ens = me.Ensemble(members=members, preset=pr, out=tmp_path)
+    datas, params = me.stacked_setup(ens)
+    tr = me.Trainer(ens, params, datas)
+    for step in range(1, 41):
+        tr.step(step)
+    for e, m in enumerate(members):
+        run = ens.member_run(m)
+        data, model, opt = mt.setup(run)
+        assert torch.equal(data.train_x, datas[e].train_x)
+        for step in range(1, 41):
+            lr, opt.weight_decay, opt.eps = mt.hyper(run.preset, step)
+            opt.zero_grad()
+            modadd.loss_fn(model(data.train_x), data.train_y).backward()
+            opt.step(lr)
+        for name, t in model.state_dict().items():
+            assert torch.allclose(params[name][e], t, rtol=1e-9, atol=1e-12), (m.name, name)
+    assert not torch.allclose(params["mlp.W_in.weight"][0], params["mlp.W_in.weight"][2])
+
+
+def test_ensemble_cli_writes_one_folder_per_member(tmp_path):
+    from toy_experiments.__main__ import main
+
+    assert main(["modadd-ensemble", "--out", str(tmp_path), "--preset", "smoke", "--steps",
+                 "30", "--weight-decays", "1,0", "--seeds", "0", "--device", "cpu"]) == 0
+    for name in ("wd1_seed0", "wd0_seed0"):
+        h = pd.read_csv(tmp_path / name / "history.csv")
+        assert h["step"].iloc[-1] == 30 and list(h.columns) == HISTORY
+    assert (tmp_path / "checkpoint.pt").exists()

@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: $MNIST_DIR, then torchvision's cache folders)")
     m.add_argument("--time-limit", type=float, default=None, metavar="MIN",
                    help="stop after MIN minutes of training (checkpointed: rerun to resume)")
+    from .modadd_cli import add_ensemble_parser
     from .modadd_cli import add_parser as add_modadd
     add_modadd(sub)
+    add_ensemble_parser(sub)
     return ap
 
 
@@ -49,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment == "modadd":
         from .modadd_cli import run as run_modadd
         return run_modadd(args, _device)
+    if args.experiment == "modadd-ensemble":
+        from .modadd_cli import run_ensemble
+        return run_ensemble(args, _device)
     if args.threads:
         torch.set_num_threads(args.threads)
     from . import mnist

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -35,5 +36,41 @@ def run(args: argparse.Namespace, device: Callable[[str], torch.device]) -> int:
     t0 = time.perf_counter()
     mt.train(r)
     print(describe(phases(pd.read_csv(args.out / "history.csv"))))
+    print(f"wall time {time.perf_counter() - t0:.1f} s", flush=True)
+    return 0
+
+
+def add_ensemble_parser(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("modadd-ensemble", help="many modular-addition models at once "
+                       "(weight decays x seeds), one folder per member")
+    m.add_argument("--out", required=True, type=Path)
+    m.add_argument("--preset", choices=("smoke", "nanda", "ensemble"), default="ensemble")
+    m.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                   help="stop after MIN minutes (checkpointed: rerun to resume)")
+    m.add_argument("--weight-decays", default="1,0.3,0.1,0.03,0")
+    m.add_argument("--seeds", default="0,1")
+    m.add_argument("--steps", type=int, default=None)
+    m.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    m.add_argument("--threads", type=int, default=None)
+
+
+def run_ensemble(args: argparse.Namespace, device: Callable[[str], torch.device]) -> int:
+    from dataclasses import replace
+
+    from . import modadd_ensemble as me
+    from . import modadd_train as mt
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = replace(mt.preset_with(args.preset, steps=args.steps), dtype=args.dtype)
+    members = tuple(me.Member(int(s), float(w)) for w in args.weight_decays.split(",")
+                    for s in args.seeds.split(","))
+    ens = me.Ensemble(members=members, preset=preset, out=args.out, device=device(args.device))
+    print(f"modadd-ensemble {len(members)} members {[m.name for m in members]} {preset} "
+          f"device={ens.device}", flush=True)
+    t0 = time.perf_counter()
+    me.train(ens, steps_per_print=1,
+             time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
     print(f"wall time {time.perf_counter() - t0:.1f} s", flush=True)
     return 0

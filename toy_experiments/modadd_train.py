@@ -48,6 +48,10 @@ PRESETS = {
     # Nanda et al.'s canonical recipe (NOTES §3), on this CPU past grokking (~13-14.5k steps)
     "nanda": Preset(p=113, train_frac=0.3, steps=30_000, per_decade=16, checkpoint_every=5_000,
                     extra_steps=tuple(range(500, 30_001, 500))),
+    # the long extension for the ensemble (weight decay x seeds), meant for a GPU: sparser
+    # measurements, since every point audits every member
+    "ensemble": Preset(p=113, train_frac=0.3, steps=1_000_000, per_decade=8,
+                       checkpoint_every=20_000),
     # Nanda et al.'s recipe, trained far beyond grokking (~14k steps); meant for a GPU.
     "paper": Preset(p=113, train_frac=0.3, steps=1_000_000, per_decade=16,
                     checkpoint_every=20_000),
