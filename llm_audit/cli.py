@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .errors import AuditError, UsageError
+from .rules import RULES, rules_help
 from .safetext import terminal
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_ERROR = 0, 1, 2
@@ -33,9 +34,7 @@ def _audit_options(f):
                      help="Seed of the shuffles."),
         click.option("--no-randomize", is_flag=True, help="Skip the correlation-trap analysis."),
         click.option("--trap-rule", default="ww", show_default=True,
-                     type=click.Choice(["ww", "tw"]),
-                     help="ww: WeightWatcher's rule; tw: Tracy-Widom 99.9% above the exact "
-                          "MP edge."),
+                     type=click.Choice(list(RULES)), help=rules_help() + "."),
         click.option("--fix-fingers", default="none", show_default=True,
                      type=click.Choice(["none", "clip_xmax"])),
         click.option("--precision", default="auto", show_default=True,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import anatomy, mp, rsvd, spectral
+from . import anatomy, rsvd, spectral
 from .anatomy import Anatomy
 from .spectral import PowerLawFit
 
@@ -84,41 +84,15 @@ def stack_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str, generator: t
     `generator` draws the shuffle shared by the stack, `generators[b]` matrix b's sketches;
     `moments[b]` = (mean, variance) of matrix b's entries; `dtype`: the eigen precision (a
     float32 count that lands within round-off of its threshold is redone in float64)."""
-    if rule == "ww":
-        return _traps_ww(W, evals, generator, generators, moments, dtype)
-    if rule == "tw":
-        return _traps_tw(W, generator, generators, moments, dtype)
-    raise ValueError(f"unknown trap rule {rule!r}")
+    from .rules import RULES  # the registry; its rules use this module's helpers
+
+    if rule not in RULES:
+        raise ValueError(f"unknown trap rule {rule!r}")
+    return RULES[rule].traps(W, evals, generator=generator, generators=generators,
+                             moments=moments, dtype=dtype)
 
 
-def _traps_ww(W: torch.Tensor, evals: torch.Tensor, generator: torch.Generator,
-              generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
-              dtype: torch.dtype) -> list[TrapResult]:
-    """WeightWatcher's rule: MP fit of the shuffled ESD, traps above bulk_max + √s_TW."""
-    N, M = max(W.shape[-2:]), min(W.shape[-2:])
-    reps = WW_SMALL_REPS if M < WW_SMALL_M else 1
-    perms = [permutation(W, generator) for _ in range(reps)]
-    shuffled = [apply_permutation(W, p) for p in perms]  # each (B, rows, cols)
-    esds = [spectral.esd(S, dtype=dtype).double() for S in shuffled]  # each (B, M)
-    out = []
-    for b in range(W.shape[0]):
-        pooled = torch.cat([e[b] for e in esds])
-        fit = mp.mp_fit(pooled, N, M)
-        if dtype != torch.float64 and _near(pooled, fit.threshold, _eig_err(pooled)):
-            pooled = torch.cat([spectral.esd(S[b]) for S in shuffled])  # exact in float64
-            fit = mp.mp_fit(pooled, N, M)
-        lam = pooled.cpu().numpy()
-        traps = tuple(sorted((float(v) for v in lam[lam > fit.threshold]), reverse=True))
-        out.append(TrapResult(num_traps=fit.num_spikes, max_rand_eval=fit.max_eval,
-                              bulk_max=fit.bulk_max, sigma_mp=fit.sigma_mp,
-                              threshold=fit.threshold,
-                              distance=js_distance(evals[b], pooled[:M]), trap_evals=traps,
-                              anatomy=_anatomy(W[b], perms, fit.num_spikes, fit.threshold,
-                                               generators[b], moments[b], remove_mean=False)))
-    return out
-
-
-def _anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int, threshold: float,
+def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int, threshold: float,
              generator: torch.Generator, moments: tuple[float, float], *,
              remove_mean: bool) -> Anatomy:
     """The anatomy of a matrix's traps (none: nothing to compute), counted in float64 against
@@ -126,50 +100,12 @@ def _anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int, thr
     if num_traps == 0:
         return anatomy.NO_TRAPS
     def count(S: torch.Tensor) -> int:
-        return int((_top_above(S, threshold, generator, torch.float64) > threshold).sum())
+        return int((top_above(S, threshold, generator, torch.float64) > threshold).sum())
     return anatomy.trap_anatomy(W, perms, count=count, mean=moments[0],
                                 remove_mean=remove_mean, generator=generator)
 
 
-def _traps_tw(W: torch.Tensor, generator: torch.Generator,
-              generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
-              dtype: torch.dtype) -> list[TrapResult]:
-    """Tracy–Widom rule: exact MP edge from the entries' variance (known for a shuffled matrix),
-    traps above the TW₁ 99.9% quantile; the mean is removed first (its rank-1 spike is reported
-    separately as `mean_spike`). Only the top of the spectrum is needed: for M >= RSVD_MIN_M a
-    randomized block-Krylov SVD computes it, below that the exact Gram route is cheaper."""
-    N, M = max(W.shape[-2:]), min(W.shape[-2:])
-    means = torch.tensor([m for m, _ in moments], dtype=W.dtype, device=W.device)
-    perm = permutation(W, generator)
-    S = apply_permutation(W, perm).sub_(means[:, None, None])  # (B, rows, cols), mean removed
-    edges = [mp.tw_edge(var, N, M) for _, var in moments]
-    # On CUDA the whole stack's top-k comes from one batched sketch (same values as one by
-    # one); on CPU a batch saves nothing and keeps settled members iterating with the rest.
-    first = None
-    if M >= RSVD_MIN_M and S.is_cuda:
-        thresholds = torch.tensor([t for _, t in edges], dtype=torch.float64)
-        first = rsvd.top_eigenvalues(S, TW_TOP_K, generator=list(generators), dtype=dtype,
-                                     threshold=thresholds).double()
-    out = []
-    for b, (edge, threshold) in enumerate(edges):
-        if first is None:
-            top = _top_above(S[b], threshold, generators[b], dtype)
-        elif float(first[b, -1]) > threshold:  # more than TW_TOP_K traps: sketch wider
-            top = _top_above(S[b], threshold, generators[b], dtype, k=2 * TW_TOP_K)
-        else:
-            top = first[b]
-        if dtype != torch.float64 and _near(top, threshold, _eig_err(top)):
-            top = _top_above(S[b], threshold, generators[b], torch.float64)
-        traps = tuple(float(v) for v in top if float(v) > threshold)
-        out.append(TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]), bulk_max=edge,
-                              sigma_mp=math.nan, threshold=threshold, distance=math.nan,
-                              trap_evals=traps,
-                              anatomy=_anatomy(W[b], [perm], len(traps), threshold,
-                                               generators[b], moments[b], remove_mean=True)))
-    return out
-
-
-def _top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,
+def top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,
                dtype: torch.dtype, k: int = TW_TOP_K) -> torch.Tensor:
     """Descending top eigenvalues of SᵀS, enough of them to include one at or below
     `threshold` (or all M), starting from the top k."""
@@ -184,11 +120,11 @@ def _top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,
         k = min(2 * k, M)
 
 
-def _eig_err(lam: torch.Tensor) -> float:
+def eig_err(lam: torch.Tensor) -> float:
     return spectral.float32_eig_err(float(lam.max()))
 
 
-def _near(lam: torch.Tensor, threshold: float, err: float) -> bool:
+def near(lam: torch.Tensor, threshold: float, err: float) -> bool:
     """Whether some eigenvalue is within `err` of the threshold (its side is uncertain)."""
     return bool(((lam - threshold).abs() <= err).any())
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UsageError
+from .rules import RULES
 from .safetext import clip
 
-TRAP_RULES = ("ww", "tw")
+TRAP_RULES = tuple(RULES)
 FIX_FINGERS = ("none", "clip_xmax")
 PRECISIONS = ("auto", "float32", "float64")
 
@@ -21,7 +22,7 @@ class AuditOptions:
     device: str = "auto"  # auto | cpu | cuda[:i]
     seed: int = 0
     randomize: bool = True  # compute correlation traps
-    trap_rule: str = "ww"  # ww (WeightWatcher's rule) | tw (Tracy-Widom 99.9% above exact edge)
+    trap_rule: str = "ww"  # a name of rules.RULES: ww (WeightWatcher's) | tw | perm
     fix_fingers: str = "none"
     # eigenvalue precision. auto: float32, redone in float64 for a matrix whose float32 answer
     # (xmin choice, a trap or spike count) is within round-off of changing

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from . import detect, spectral
+from . import spectral
 from .analysis import matrix_generator
 from .options import AuditOptions
+from .rules import RULES
 
 MAX_SPECTRA = 12
 
@@ -92,13 +93,8 @@ def _trap_marks(traps: pd.DataFrame | None) -> dict:
 
 
 def _shuffled_esd(W: torch.Tensor, name: str, opts: AuditOptions) -> list[float]:
-    gen = matrix_generator(opts.seed, name)
-    if opts.trap_rule == "tw":  # the tw rule shuffles the mean-removed matrix
-        X = W.to(torch.float64)
-        return sorted(spectral.esd(detect.shuffle(X - X.mean(), gen)).cpu().tolist())
-    reps = detect.WW_SMALL_REPS if min(W.shape) < detect.WW_SMALL_M else 1
-    pooled = torch.cat([spectral.esd(detect.shuffle(W, gen)) for _ in range(reps)])
-    return sorted(pooled.cpu().tolist())
+    """The shuffled ESD the rule counted traps in (its own shuffle: the same seeded draws)."""
+    return RULES[opts.trap_rule].shuffled_esd(W, matrix_generator(opts.seed, name))
 
 
 def _f(x) -> float:

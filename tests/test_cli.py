@@ -90,7 +90,7 @@ def test_fail_on_no_match_exit_0(small, tmp_path, capsys):
     (["--format", "md,pdf"], "llm-audit: error: --format: unknown format 'pdf'; choose from "
                              "md,html,csv,json"),
     (["--trap-rule", "xx"], "llm-audit: error: Invalid value for '--trap-rule': 'xx' is not one "
-                            "of 'ww', 'tw'."),
+                            "of 'ww', 'tw', 'perm'."),
 ])
 def test_usage_errors_exit_2(small, tmp_path, capsys, args, message):
     code, err = run([small, "--out", tmp_path, *args], capsys)
