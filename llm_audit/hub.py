@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SourceError
-from .moe import owner_name
 from .options import AuditOptions
+from .plan import owner_name
 from .source import INDEX_NAME, Checkpoint, load_weight_map, open_checkpoint
 
 log = logging.getLogger(__name__)

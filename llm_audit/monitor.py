@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,10 +24,10 @@ import torch
 from .analysis import MatrixMeta, analyse_matrix
 from .options import AuditOptions
 from .records import COLUMNS, MatrixResult
+from .routing import parse_expert, parse_layer, parse_module
 
 log = logging.getLogger(__name__)
 
-_INDEX_RE = re.compile(r"\.(\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
@@ -85,8 +84,8 @@ def monitor_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], *,
     for name, W in weight_matrices(weights, min_evals).items():
         if not opts.wants(name):
             continue
-        meta = MatrixMeta(name=name, layer=_layer(name), module=_module(name), expert=None,
-                          dtype=str(W.dtype).removeprefix("torch."))
+        meta = MatrixMeta(name=name, layer=parse_layer(name), module=parse_module(name),
+                          expert=parse_expert(name), dtype=str(W.dtype).removeprefix("torch."))
         rows.append(analyse_matrix(W.to(device), meta, opts))
     return _report(tuple(rows), alpha_floor)
 
@@ -102,13 +101,3 @@ def _report(rows: tuple[MatrixResult, ...], alpha_floor: float | None) -> Monito
         log.info("monitor alert: %s", "; ".join(reasons))
     return MonitorReport(layers=rows, mean_alpha=mean_alpha, total_traps=total,
                          alert="; ".join(reasons))
-
-
-def _layer(name: str) -> int | None:
-    m = _INDEX_RE.search("." + name)
-    return int(m.group(1)) if m else None
-
-
-def _module(name: str) -> str:
-    parts = [p for p in name.split(".") if p != "weight" and not p.isdigit()]
-    return parts[-1] if parts else name

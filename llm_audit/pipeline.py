@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import math
 import platform
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,15 +16,14 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .analysis import MatrixMeta, analyse_stack
 from .anatomy import TRAP_CLASSES
-from .decode import DecodedMatrix, TensorReader, decode
+from .batching import analyse_jobs, shuffle_key
+from .decode import TensorReader, decode
 from .errors import AuditError, UsageError
 from .hub import resolve_source
 from .journal import Journal, job_key
-from .moe import plan_checkpoint
 from .options import AuditOptions
-from .prefetch import DecodedJob, prefetch
+from .plan import plan_checkpoint
 from .progress import AuditStarted, JobDone, Observer
 from .records import COLUMNS, TRAP_COLUMNS, MatrixResult, trap_table_rows
 from .routing import MatrixJob, Skipped
@@ -35,15 +33,9 @@ from .spectra import MAX_SPECTRA, Spectra, compute_spectra, suspicious
 log = logging.getLogger(__name__)
 SKIPPED_COLUMNS = ("name", "dtype", "shape", "reason")
 #: float32 bytes of matrices analysed as one batch (and decoded ahead of the analysis)
-BATCH_BYTES = {"cpu": 256 << 20, "cuda": 4 << 30}
-# decoded jobs waiting for the analysis (float32 bytes; one job always): enough to hide reading
-# and decoding behind compute, small enough that peak memory does not grow with the model
-PREFETCH_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 #: summary["stage_seconds"] key -> the per-matrix column it sums
 STAGE_COLUMNS = {"read": "read_seconds", "decode": "decode_seconds", "eigen": "eigen_seconds",
                  "fit": "fit_seconds", "traps": "trap_seconds", "wait": "wait_seconds"}
-_EXPERT_INDEX = re.compile(r"experts\.\d+\.")
-_EXPERT_SUFFIX = re.compile(r"\[\d+\]$")
 
 
 @dataclass(frozen=True)
@@ -127,120 +119,25 @@ def iter_audit(jobs: list[MatrixJob], opts: AuditOptions, progress: Observer | N
     total = sum(j.nbytes for j in jobs)
     if progress is not None:
         progress(AuditStarted(model, len(jobs), total, sum(c is not None for c in cached)))
-    todo = [j for j, c in zip(jobs, cached, strict=True) if c is None]
+    todo = [i for i, c in enumerate(cached) if c is None]
     done_bytes = 0
     with contextlib.ExitStack() as stack:
-        computed = stack.enter_context(contextlib.closing(analysed(todo, device, opts)))
+        computed = stack.enter_context(contextlib.closing(
+            analyse_jobs([jobs[i] for i in todo], opts, device)))
         ready: dict[int, tuple[MatrixResult, ...]] = {}
         for i, (job, key, rows) in enumerate(zip(jobs, keys, cached, strict=True)):
             hit = rows is not None
             if not hit:
-                while id(job) not in ready:  # `analysed` groups experts: it may run ahead
+                while i not in ready:  # the executor groups experts: it may run ahead
                     got, got_rows = next(computed)
-                    ready[id(got)] = got_rows
-                rows = ready.pop(id(job))
+                    ready[todo[got]] = got_rows
+                rows = ready.pop(i)
                 if journal is not None:
                     journal.record(key, rows)
             done_bytes += job.nbytes
             if progress is not None:
                 progress(JobDone(job.name, rows, i + 1, len(jobs), done_bytes, total, hit))
             yield from rows
-
-
-def analysed(jobs: list[MatrixJob], device: torch.device,
-             opts: AuditOptions) -> Iterator[tuple[MatrixJob, tuple[MatrixResult, ...]]]:
-    """(job, its result rows) for each job: decoded ahead in a background thread, experts of
-    one tensor (or of one per-expert tensor pattern) moved next to each other and analysed in
-    batches of up to BATCH_BYTES of float32 matrices. Otherwise in the jobs' order."""
-    jobs = _grouped(jobs)
-    limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])
-    ahead = PREFETCH_BYTES.get(device.type, PREFETCH_BYTES["cpu"])
-    with prefetch(jobs, device, ahead) as decoded:
-        batch: list[DecodedJob] = []
-        for d in decoded:
-            key = _stack_key(d.job)
-            if batch and (key is None or key != _stack_key(batch[0].job)
-                          or _nbytes(batch) + _nbytes([d]) > limit):
-                yield from _analyse_jobs(batch, opts)
-                batch = []
-            batch.append(d)
-        yield from _analyse_jobs(batch, opts)
-
-
-def _grouped(jobs: list[MatrixJob]) -> list[MatrixJob]:
-    """The jobs with each stack key moved up to the first of them (Mixtral stores expert 0's
-    w1, w2, w3, then expert 1's, ...); everything else keeps its order."""
-    first: dict[str, int] = {}
-    pos = [i if (k := _stack_key(j)) is None else first.setdefault(k, i)
-           for i, j in enumerate(jobs)]
-    return [jobs[i] for i in sorted(range(len(jobs)), key=lambda i: (pos[i], i))]
-
-
-def _stack_key(job: MatrixJob) -> str | None:
-    """Jobs with the same key are experts of one tensor (or one per-expert tensor pattern):
-    equal-shaped, batched together and shuffled with one shared permutation."""
-    if job.expert is None:
-        return None
-    # the logical name (row names drop MXFP4's `_blocks`), not the stored tensor or scheme: an
-    # MXFP4 checkpoint and its BF16 copy shuffle each expert with the same permutation
-    return _EXPERT_INDEX.sub("experts.*.", _EXPERT_SUFFIX.sub("", job.name))
-
-
-def _shuffle_key(m: DecodedMatrix) -> str:
-    """What seeds a matrix's shuffle: its stack (tensor + module) for experts, else its name."""
-    key = _stack_key(m.job)
-    return m.name if key is None else f"{key}/{m.module}"
-
-
-def _nbytes(batch: list[DecodedJob]) -> int:
-    return sum(m.W.numel() * m.W.element_size() for d in batch for m in d.matrices)
-
-
-def _analyse_jobs(batch: list[DecodedJob],
-                  opts: AuditOptions) -> Iterator[tuple[MatrixJob, tuple[MatrixResult, ...]]]:
-    """Analyse a batch of decoded jobs; matrix p of every job (gate, up, ...) forms a stack."""
-    rows: dict[int, list[MatrixResult]] = {i: [] for i in range(len(batch))}
-    ok = [i for i, d in enumerate(batch) if d.error is None]
-    for i, d in enumerate(batch):
-        if d.error is not None:
-            rows[i].append(_failed_job(d.job, d.error))
-    groups: dict[tuple, list[tuple[int, int]]] = {}
-    for i in ok:
-        for p, m in enumerate(batch[i].matrices):
-            groups.setdefault((p, tuple(m.W.shape)), []).append((i, p))
-    for members in groups.values():
-        for (i, _), res in zip(members, _analyse_group(batch, members, opts), strict=True):
-            rows[i].append(res)
-    for i, d in enumerate(batch):  # groups come in matrix order p, so rows[i] is in order
-        share = max(len(rows[i]), 1)
-        yield d.job, tuple(dataclasses.replace(r, read_seconds=d.read_seconds / share,
-                                               decode_seconds=d.decode_seconds / share,
-                                               wait_seconds=d.wait_seconds / share)
-                           for r in rows[i])
-
-
-def _analyse_group(batch: list[DecodedJob], members: list[tuple[int, int]],
-                   opts: AuditOptions) -> list[MatrixResult]:
-    mats = [batch[i].matrices[p] for i, p in members]
-    metas = [MatrixMeta(m.name, m.job.layer, m.module, m.expert, _dtype(m.job)) for m in mats]
-    key = _shuffle_key(mats[0])
-    W = mats[0].W[None] if len(mats) == 1 else torch.stack([m.W for m in mats])
-    results = analyse_stack(W, metas, opts, key=key)
-    return [dataclasses.replace(r, nan_scales=m.nan_scales) if m.nan_scales else r
-            for r, m in zip(results, mats, strict=True)]
-
-
-def _dtype(job: MatrixJob) -> str:
-    return job.parts[0].dtype if job.scheme == "dense" else job.scheme
-
-
-def _failed_job(job: MatrixJob, error: AuditError) -> MatrixResult:
-    """The row of a job whose bytes could not be decoded."""
-    shape = job.matrix_shape
-    log.warning("%s: %s", job.name, error)
-    return MatrixResult(name=job.name, layer=job.layer, module=job.module, expert=job.expert,
-                        N=max(shape), M=min(shape), dtype=_dtype(job),
-                        warning=f"failed: {error}", status="failed")
 
 
 def assemble(ckpt: Checkpoint, opts: AuditOptions, rows: list[MatrixResult],
@@ -306,7 +203,7 @@ def collect_spectra(jobs: list[MatrixJob], details: pd.DataFrame, opts: AuditOpt
                     name = m.name
                     if name in wanted:
                         found[name] = compute_spectra(
-                            m.W, rows[name], wanted[name], opts, shuffle_key=_shuffle_key(m),
+                            m.W, rows[name], wanted[name], opts, shuffle_key=shuffle_key(m),
                             traps=None if traps is None else traps[traps["name"] == name])
             except (AuditError, RuntimeError) as e:
                 log.warning("%s: no spectrum for the report: %s", job.name, e)

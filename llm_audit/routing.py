@@ -98,22 +98,3 @@ def is_ignored(t: TensorInfo) -> str | None:
         if pattern.search(t.name):
             return why
     return None
-
-
-def plan_dense(tensors: tuple[TensorInfo, ...]) -> tuple[list[MatrixJob], list[Skipped]]:
-    """Jobs for plain (unquantized) checkpoints: every 2-D float weight is one matrix."""
-    jobs, skipped = [], []
-    for t in tensors:
-        if is_ignored(t):
-            continue
-        if t.dtype not in FLOAT_DTYPES:
-            skipped.append(Skipped(t.name, t.dtype, t.shape,
-                                   f"dtype {t.dtype} is not a float type this format uses"))
-        elif len(t.shape) != 2:
-            skipped.append(Skipped(t.name, t.dtype, t.shape,
-                                   f"{len(t.shape)}-D tensor with no known expert layout"))
-        elif min(t.shape) < 2:
-            skipped.append(Skipped(t.name, t.dtype, t.shape, "fewer than 2 rows or columns"))
-        else:
-            jobs.append(MatrixJob(t.name, parse_layer(t.name), parse_module(t.name), "dense", (t,)))
-    return jobs, skipped

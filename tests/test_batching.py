@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import llm_audit
-from llm_audit import analysis, detect, pipeline, spectral
+from llm_audit import analysis, batching, detect, pipeline, spectral
 from llm_audit.analysis import MatrixMeta, analyse_stack, matrix_generator
 from llm_audit.options import AuditOptions
 from llm_audit.records import COLUMNS, TIMING_COLUMNS
@@ -161,7 +161,7 @@ def _mixtral(folder, gen, modules=("w1", "w2")):
 
 def test_stack_keys(tmp_path, gen):
     ck = open_checkpoint(write_gpt_oss(tmp_path / "g", layers=1, experts=2, shards=1))
-    keys = {j.name: pipeline._stack_key(j) for j in pipeline.plan(ck, AuditOptions())[0]}
+    keys = {j.name: batching.stack_key(j) for j in pipeline.plan(ck, AuditOptions())[0]}
     # the logical name, whatever the storage (an MXFP4 checkpoint and its BF16 copy agree)
     assert keys["model.layers.0.mlp.experts.gate_up_proj[1]"] == \
         "model.layers.0.mlp.experts.gate_up_proj"
@@ -169,7 +169,7 @@ def test_stack_keys(tmp_path, gen):
         "model.layers.0.mlp.experts.down_proj"
     assert keys["model.layers.0.self_attn.q_proj.weight"] is None
     ck = open_checkpoint(_mixtral(tmp_path / "m", gen))
-    keys = {j.name: pipeline._stack_key(j) for j in pipeline.plan(ck, AuditOptions())[0]}
+    keys = {j.name: batching.stack_key(j) for j in pipeline.plan(ck, AuditOptions())[0]}
     assert keys["model.layers.0.block_sparse_moe.experts.3.w2.weight"] == \
         "model.layers.0.block_sparse_moe.experts.*.w2.weight"
     assert keys["model.layers.0.self_attn.q_proj.weight"] is None
@@ -187,13 +187,13 @@ def checkpoints(tmp_path_factory):
 def stack_sizes(monkeypatch):
     """The batch size of every analyse_stack call the pipeline makes, in order."""
     sizes = []
-    real = pipeline.analyse_stack
+    real = batching.analyse_stack
 
     def spy(W, metas, opts, *, key):
         sizes.append(W.shape[0])
         return real(W, metas, opts, key=key)
 
-    monkeypatch.setattr(pipeline, "analyse_stack", spy)
+    monkeypatch.setattr(batching, "analyse_stack", spy)
     return sizes
 
 
@@ -204,7 +204,7 @@ def test_batching_does_not_change_answers(checkpoints, kind, rule, stack_sizes, 
     batched = llm_audit.audit(checkpoints[kind], trap_rule=rule, max_spectra=0)
     assert max(sizes) == 4  # the four experts of a tensor in one stack
     sizes.clear()
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", {"cpu": 1, "cuda": 1})
+    monkeypatch.setattr(batching, "BATCH_BYTES", {"cpu": 1, "cuda": 1})
     single = llm_audit.audit(checkpoints[kind], trap_rule=rule, max_spectra=0)
     assert set(sizes) == {1}
     a, b = (r.details.drop(columns=list(TIMING_COLUMNS)) for r in (batched, single))
@@ -232,13 +232,14 @@ def test_stage_seconds(checkpoints):
     assert stages["eigen"] > 0 and stages["read"] > 0
 
 
-def test_analysed_pairs_each_job_with_its_rows(checkpoints, monkeypatch):
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", {"cpu": 3 * 4 * 64 * 64 * 2})  # 3 experts
+def test_analyse_jobs_pairs_each_job_index_with_its_rows(checkpoints, monkeypatch):
+    monkeypatch.setattr(batching, "BATCH_BYTES", {"cpu": 3 * 4 * 64 * 64 * 2})  # 3 experts
     opts = AuditOptions(include=r"layers\.1\.mlp\.experts\.gate_up", randomize=False)
     jobs, _ = pipeline.plan(open_checkpoint(checkpoints["gpt_oss"]), opts)
-    out = list(pipeline.analysed(jobs, torch.device("cpu"), opts))
-    assert [j for j, _ in out] == jobs
-    for job, rows in out:
+    out = list(batching.analyse_jobs(jobs, opts, torch.device("cpu")))
+    assert sorted(i for i, _ in out) == list(range(len(jobs)))
+    for i, rows in out:
+        job = jobs[i]
         assert [r.name for r in rows] == [f"{job.name}.gate", f"{job.name}.up"]
         assert all(dataclasses.is_dataclass(r) and r.read_seconds >= 0 for r in rows)
 

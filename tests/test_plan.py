@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 
 import llm_audit
 from llm_audit.decode import TensorReader, decode
-from llm_audit.moe import owner_name, plan_checkpoint, quant_method
 from llm_audit.options import AuditOptions
 from llm_audit.pipeline import plan
+from llm_audit.plan import owner_name, plan_checkpoint, quant_method
 from llm_audit.source import open_checkpoint, read_header
 
 from .checkpoints import encode_fp8_block, random_mxfp4_matrix, write_gpt_oss

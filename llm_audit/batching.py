@@ -1,0 +1,137 @@
+"""How jobs are batched and seeded, and the executor seam of the pipeline.
+
+Decides what changes results, in one place: which jobs form a stack (`stack_key`: the experts
+of one tensor, whatever the storage), what seeds a matrix's shuffle (`shuffle_key`), the
+order jobs are analysed in (`grouped`), and how big a batch or the read-ahead may be.
+`analyse_jobs(jobs, opts)` is the serial executor: it yields (job index, rows) pairs; the
+pipeline puts them back in order, so another executor can stand behind the same seam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator
+
+import torch
+
+from .analysis import MatrixMeta, analyse_stack
+from .decode import DecodedMatrix
+from .errors import AuditError
+from .options import AuditOptions
+from .prefetch import DecodedJob, prefetch
+from .records import MatrixResult
+from .routing import MatrixJob
+
+log = logging.getLogger(__name__)
+BATCH_BYTES = {"cpu": 256 << 20, "cuda": 4 << 30}
+# decoded jobs waiting for the analysis (float32 bytes; one job always): enough to hide reading
+# and decoding behind compute, small enough that peak memory does not grow with the model
+PREFETCH_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+_EXPERT_INDEX = re.compile(r"experts\.\d+\.")
+_EXPERT_SUFFIX = re.compile(r"\[\d+\]$")
+
+
+def analyse_jobs(jobs: list[MatrixJob], opts: AuditOptions, device: torch.device | None = None
+                 ) -> Iterator[tuple[int, tuple[MatrixResult, ...]]]:
+    """(index into `jobs`, its result rows) for every job, in the order they finish: decoded
+    ahead in a background thread, experts of one tensor (or of one per-expert tensor
+    pattern) moved next to each other and analysed in batches of up to BATCH_BYTES of
+    float32 matrices. The executor seam: another one (processes, a cluster) yields the same
+    pairs; results do not depend on which (shuffles are seeded per matrix or stack)."""
+    device = opts.torch_device() if device is None else device
+    order = grouped(jobs)  # order[p]: the index of the p-th job decoded
+    limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])
+    ahead = PREFETCH_BYTES.get(device.type, PREFETCH_BYTES["cpu"])
+    done = 0
+    with prefetch([jobs[i] for i in order], device, ahead) as decoded:
+        batch: list[DecodedJob] = []
+        for d in decoded:
+            key = stack_key(d.job)
+            if batch and (key is None or key != stack_key(batch[0].job)
+                          or _nbytes(batch) + _nbytes([d]) > limit):
+                for rows in _analyse_batch(batch, opts):  # one per job, in batch order
+                    yield order[done], rows
+                    done += 1
+                batch = []
+            batch.append(d)
+        for rows in _analyse_batch(batch, opts):
+            yield order[done], rows
+            done += 1
+
+
+def grouped(jobs: list[MatrixJob]) -> list[int]:
+    """The indices of `jobs` with each stack key moved up to the first of them (Mixtral
+    stores expert 0's w1, w2, w3, then expert 1's, ...); everything else keeps its order."""
+    first: dict[str, int] = {}
+    pos = [i if (k := stack_key(j)) is None else first.setdefault(k, i)
+           for i, j in enumerate(jobs)]
+    return sorted(range(len(jobs)), key=lambda i: (pos[i], i))
+
+
+def stack_key(job: MatrixJob) -> str | None:
+    """Jobs with the same key are experts of one tensor (or one per-expert tensor pattern):
+    equal-shaped, batched together and shuffled with one shared permutation."""
+    if job.expert is None:
+        return None
+    # the logical name (row names drop MXFP4's `_blocks`), not the stored tensor or scheme: an
+    # MXFP4 checkpoint and its BF16 copy shuffle each expert with the same permutation
+    return _EXPERT_INDEX.sub("experts.*.", _EXPERT_SUFFIX.sub("", job.name))
+
+
+def shuffle_key(m: DecodedMatrix) -> str:
+    """What seeds a matrix's shuffle: its stack (tensor + module) for experts, else its name."""
+    key = stack_key(m.job)
+    return m.name if key is None else f"{key}/{m.module}"
+
+
+def _nbytes(batch: list[DecodedJob]) -> int:
+    return sum(m.W.numel() * m.W.element_size() for d in batch for m in d.matrices)
+
+
+def _analyse_batch(batch: list[DecodedJob],
+                   opts: AuditOptions) -> Iterator[tuple[MatrixResult, ...]]:
+    """Analyse a batch of decoded jobs; matrix p of every job (gate, up, ...) forms a stack."""
+    rows: dict[int, list[MatrixResult]] = {i: [] for i in range(len(batch))}
+    ok = [i for i, d in enumerate(batch) if d.error is None]
+    for i, d in enumerate(batch):
+        if d.error is not None:
+            rows[i].append(_failed_job(d.job, d.error))
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for i in ok:
+        for p, m in enumerate(batch[i].matrices):
+            groups.setdefault((p, tuple(m.W.shape)), []).append((i, p))
+    for members in groups.values():
+        for (i, _), res in zip(members, _analyse_group(batch, members, opts), strict=True):
+            rows[i].append(res)
+    for i, d in enumerate(batch):  # groups come in matrix order p, so rows[i] is in order
+        share = max(len(rows[i]), 1)
+        yield tuple(dataclasses.replace(r, read_seconds=d.read_seconds / share,
+                                               decode_seconds=d.decode_seconds / share,
+                                               wait_seconds=d.wait_seconds / share)
+                           for r in rows[i])
+
+
+def _analyse_group(batch: list[DecodedJob], members: list[tuple[int, int]],
+                   opts: AuditOptions) -> list[MatrixResult]:
+    mats = [batch[i].matrices[p] for i, p in members]
+    metas = [MatrixMeta(m.name, m.job.layer, m.module, m.expert, _dtype(m.job)) for m in mats]
+    key = shuffle_key(mats[0])
+    W = mats[0].W[None] if len(mats) == 1 else torch.stack([m.W for m in mats])
+    results = analyse_stack(W, metas, opts, key=key)
+    return [dataclasses.replace(r, nan_scales=m.nan_scales) if m.nan_scales else r
+            for r, m in zip(results, mats, strict=True)]
+
+
+def _dtype(job: MatrixJob) -> str:
+    return job.parts[0].dtype if job.scheme == "dense" else job.scheme
+
+
+def _failed_job(job: MatrixJob, error: AuditError) -> MatrixResult:
+    """The row of a job whose bytes could not be decoded."""
+    shape = job.matrix_shape
+    log.warning("%s: %s", job.name, error)
+    return MatrixResult(name=job.name, layer=job.layer, module=job.module, expert=job.expert,
+                        N=max(shape), M=min(shape), dtype=_dtype(job),
+                        warning=f"failed: {error}", status="failed")
