@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from .errors import AuditError, UsageError
-from .rules import RULES, rules_help
+from .options import cli_flags, from_cli
 from .safetext import terminal
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_ERROR = 0, 1, 2
@@ -25,22 +25,10 @@ _CTX = {"help_option_names": ["-h", "--help"]}
 
 
 def _audit_options(f):
-    """Options shared by `llm-audit` and `llm-audit diff` (how a checkpoint is audited)."""
-    for deco in reversed([
-        click.option("--include", metavar="REGEX", help="Analyse only tensors whose name matches."),
-        click.option("--exclude", metavar="REGEX", help="Skip tensors whose name matches."),
-        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:i]"),
-        click.option("--seed", default=0, show_default=True, type=int,
-                     help="Seed of the shuffles."),
-        click.option("--no-randomize", is_flag=True, help="Skip the correlation-trap analysis."),
-        click.option("--trap-rule", default="ww", show_default=True,
-                     type=click.Choice(list(RULES)), help=rules_help() + "."),
-        click.option("--fix-fingers", default="none", show_default=True,
-                     type=click.Choice(["none", "clip_xmax"])),
-        click.option("--precision", default="auto", show_default=True,
-                     type=click.Choice(["auto", "float32", "float64"]),
-                     help="Eigenvalue precision. auto: float32, redone in float64 for any "
-                          "matrix whose answer float32 round-off could change."),
+    """Options shared by `llm-audit`, `diff` and `repair`: AuditOptions' fields (declared once,
+    in options.py) and the flags of the command line itself."""
+    decos = [click.option(flag, **kw) for _, flag, kw in cli_flags()]
+    decos += [
         click.option("--allow-pickle", is_flag=True,
                      help="Allow *.bin/*.pt/*.pth checkpoints (loaded with "
                           "torch.load(weights_only=True))."),
@@ -48,7 +36,8 @@ def _audit_options(f):
                      metavar="LIST", help="Outputs to write, comma-separated: md,html,csv,json."),
         click.option("--quiet", "-q", is_flag=True, help="No progress output."),
         click.option("--debug", is_flag=True, help="Show tracebacks on errors."),
-    ]):
+    ]
+    for deco in reversed(decos):
         f = deco(f)
     return f
 
@@ -59,9 +48,7 @@ def _setup_logging(debug: bool) -> None:
 
 
 def _options(kw: dict) -> dict:
-    return dict(include=kw["include"], exclude=kw["exclude"], device=kw["device"],
-                seed=kw["seed"], randomize=not kw["no_randomize"], trap_rule=kw["trap_rule"],
-                fix_fingers=kw["fix_fingers"], precision=kw["precision"])
+    return from_cli(kw)
 
 
 @click.command(context_settings=_CTX)
@@ -136,15 +123,15 @@ def _echo_summary(s: dict, paths: list[Path]) -> None:
 @click.command(context_settings=_CTX)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("reports/demo"), show_default=True, help="Output folder.")
-@click.option("--quiet", "-q", is_flag=True)
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@_audit_options
 @click.pass_context
-def demo_command(ctx, out, quiet, debug):
-    """Audit a small built-in checkpoint with known answers (no download, no arguments)."""
+def demo_command(ctx, out, **kw):
+    """Audit a small built-in checkpoint with known answers (no download, no arguments);
+    takes the audit options like any source."""
     from .demo import write_demo_checkpoint
 
     path = write_demo_checkpoint(out / "llm-audit-demo")
-    return ctx.forward(audit_command, source=str(path), out=out, quiet=quiet, debug=debug)
+    return ctx.forward(audit_command, source=str(path), out=out, **kw)
 
 
 @click.command(context_settings=_CTX)

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .analysis import MatrixMeta, analyse_matrix
-from .options import AuditOptions
+from .options import AuditOptions, resolve_options
 from .records import COLUMNS, MatrixResult
 from .routing import parse_expert, parse_layer, parse_module
 
@@ -70,15 +70,16 @@ def weight_matrices(weights: torch.nn.Module | Mapping[str, torch.Tensor],
 
 def monitor_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], *,
                     options: AuditOptions | None = None, alpha_floor: float | None = 2.0,
-                    min_evals: int = 1) -> MonitorReport:
+                    min_evals: int = 1, **option_fields) -> MonitorReport:
     """Audit every 2-D weight matrix of ``weights`` (a module or a state dict) in memory.
 
-    ``options`` gives the seed, device, trap rule, finger clipping, include/exclude regexes and
-    whether traps are computed (``randomize``); ``min_evals`` skips matrices with fewer
+    ``options`` (an AuditOptions, and/or its fields as keywords, as ``audit`` takes them) gives
+    the seed, device, trap rule, finger clipping, include/exclude regexes and whether traps
+    are computed (``randomize``); ``min_evals`` skips matrices with fewer
     eigenvalues (WeightWatcher skips M < 50 by default); ``alpha_floor=None`` disables the α
     part of the alert.
     """
-    opts = options if options is not None else AuditOptions()
+    opts = resolve_options(options, option_fields)
     device = opts.torch_device()
     rows = []
     for name, W in weight_matrices(weights, min_evals).items():

@@ -1,32 +1,51 @@
-"""Audit options: one frozen record, validated once, passed down the pipeline."""
+"""Audit options: one frozen record, validated once, passed down the pipeline.
+
+Each field declares its command-line flag and help once (its metadata); the CLI builds its
+options from them (`cli_flags`), so defaults and choices cannot drift apart. No torch at
+import time: `llm-audit --help` reads this module.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
 from .rules import RULES
 from .safetext import clip
+
+if TYPE_CHECKING:
+    import torch
 
 TRAP_RULES = tuple(RULES)
 FIX_FINGERS = ("none", "clip_xmax")
 PRECISIONS = ("auto", "float32", "float64")
 
 
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+         metavar: str | None = None, negated: str | None = None) -> Any:
+    """A field with its CLI declaration: ``negated`` names the flag that turns a True
+    default off (``--no-randomize``)."""
+    return field(default=default, metadata={"help": help, "choices": choices,
+                                            "metavar": metavar, "negated": negated})
+
+
 @dataclass(frozen=True)
 class AuditOptions:
-    include: str | None = None  # regex on tensor names: analyse only matches
-    exclude: str | None = None  # regex on tensor names: skip matches
-    device: str = "auto"  # auto | cpu | cuda[:i]
-    seed: int = 0
-    randomize: bool = True  # compute correlation traps
-    trap_rule: str = "ww"  # a name of rules.RULES: ww (WeightWatcher's) | tw | perm
-    fix_fingers: str = "none"
-    # eigenvalue precision. auto: float32, redone in float64 for a matrix whose float32 answer
-    # (xmin choice, a trap or spike count) is within round-off of changing
-    precision: str = "auto"
+    include: str | None = _opt(None, "Analyse only tensors whose name matches.",
+                               metavar="REGEX")
+    exclude: str | None = _opt(None, "Skip tensors whose name matches.", metavar="REGEX")
+    device: str = _opt("auto", "auto | cpu | cuda[:i]")
+    seed: int = _opt(0, "Seed of the shuffles.")
+    randomize: bool = _opt(True, "Skip the correlation-trap analysis.", negated="--no-randomize")
+    trap_rule: str = _opt("ww", "", choices=TRAP_RULES)  # help: rules.rules_help()
+    fix_fingers: str = _opt("none", "WeightWatcher's finger clipping of the alpha fit.",
+                            choices=FIX_FINGERS)
+    # auto: float32, redone in float64 for a matrix whose float32 answer (xmin choice, a trap
+    # or spike count, the rank) is within round-off of changing
+    precision: str = _opt("auto", "Eigenvalue precision. auto: float32, redone in float64 for "
+                          "any matrix whose answer float32 round-off could change.",
+                          choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
@@ -51,9 +70,13 @@ class AuditOptions:
 
     def eig_dtype(self) -> torch.dtype:
         """The precision eigenvalues are first computed in."""
+        import torch
+
         return torch.float64 if self.precision == "float64" else torch.float32
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -71,6 +94,51 @@ class AuditOptions:
             raise UsageError(f"--device {self.device}: there are only "
                              f"{torch.cuda.device_count()} CUDA device(s)")
         return dev
+
+
+def resolve_options(options: AuditOptions | None, fields_: dict) -> AuditOptions:
+    """`options=` and/or keyword fields (keywords win): every entry point takes either."""
+    from dataclasses import replace
+
+    base = options if options is not None else AuditOptions()
+    return replace(base, **fields_) if fields_ else base
+
+
+def cli_flags() -> list[tuple[str, str, dict]]:
+    """(field name, flag, click.option keyword arguments) of every option, from the fields."""
+    from .rules import rules_help
+
+    out = []
+    for f in fields(AuditOptions):
+        meta = f.metadata
+        if meta["negated"]:
+            out.append((f.name, meta["negated"], dict(is_flag=True, help=meta["help"])))
+            continue
+        kw: dict = dict(default=f.default, show_default=f.default is not None,
+                        help=meta["help"] or rules_help() + ".")
+        if meta["choices"]:
+            kw["type"] = _choice(meta["choices"])
+        elif isinstance(f.default, int) and not isinstance(f.default, bool):
+            kw["type"] = int
+        if meta["metavar"]:
+            kw["metavar"] = meta["metavar"]
+        out.append((f.name, "--" + f.name.replace("_", "-"), kw))
+    return out
+
+
+def from_cli(kw: dict) -> dict:
+    """AuditOptions keyword arguments from the parsed CLI flags (`cli_flags`)."""
+    out = {}
+    for name, flag, _ in cli_flags():
+        key = flag.lstrip("-").replace("-", "_")
+        out[name] = not kw[key] if flag.startswith("--no-") else kw[key]
+    return out
+
+
+def _choice(choices: tuple[str, ...]):
+    import click
+
+    return click.Choice(list(choices))
 
 
 def compile_filter(pattern: str, flag: str = "--include"):

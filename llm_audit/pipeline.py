@@ -22,7 +22,7 @@ from .decode import TensorReader, decode
 from .errors import AuditError, UsageError
 from .hub import resolve_source
 from .journal import Journal, job_key
-from .options import AuditOptions
+from .options import AuditOptions, resolve_options
 from .plan import plan_checkpoint
 from .progress import AuditStarted, JobDone, Observer
 from .records import COLUMNS, TRAP_COLUMNS, MatrixResult, trap_table_rows
@@ -58,16 +58,18 @@ class AuditResult:
 
 def audit(source: str | Path, *, allow_pickle: bool = False,
           progress: Observer | None = None, workdir: str | Path | None = None,
-          resume: bool = False, max_spectra: int = MAX_SPECTRA, **options) -> AuditResult:
+          resume: bool = False, max_spectra: int = MAX_SPECTRA,
+          options: AuditOptions | None = None, **option_fields) -> AuditResult:
     """Audit a checkpoint (a .safetensors file or a model folder).
 
-    Options are the fields of :class:`AuditOptions` (include, exclude, device, seed, randomize,
-    trap_rule, fix_fingers). `progress(event)` gets an `AuditStarted` and then a `JobDone` per
-    job. With `workdir`, results are appended durably to `workdir/.partial/rows.jsonl` as they
-    are computed, and `resume=True` reuses the rows an interrupted run left there.
-    `max_spectra` matrices (the most suspicious) keep their eigenvalues for the figures.
+    Options: an :class:`AuditOptions` as `options=`, and/or its fields as keywords (include,
+    exclude, device, seed, randomize, trap_rule, fix_fingers, precision; keywords win).
+    `progress(event)` gets an `AuditStarted` and then a `JobDone` per job. With `workdir`,
+    results are appended durably to `workdir/.partial/rows.jsonl` as they are computed, and
+    `resume=True` reuses the rows an interrupted run left there. `max_spectra` matrices (the
+    most suspicious) keep their eigenvalues for the figures.
     """
-    opts = AuditOptions(**options)
+    opts = resolve_options(options, option_fields)
     opts.torch_device()  # a bad --device fails here, before anything is read or downloaded
     if resume and workdir is None:
         raise UsageError("--resume needs the output folder of the interrupted audit")

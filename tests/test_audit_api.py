@@ -107,3 +107,43 @@ def test_cli_writes_reports(demo, tmp_path):
     p = run_cli(demo, "--out", tmp_path / "o", "--quiet", "--no-randomize")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "o" / "layers.csv").is_file() and (tmp_path / "o" / "report.md").is_file()
+
+
+def test_both_entry_points_take_options_or_keywords(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from llm_audit import AuditOptions, monitor_weights
+
+    W = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    W[0, 0] = 60.0
+    save_file({"fc.weight": W}, tmp_path / "m.safetensors")
+    opts = AuditOptions(trap_rule="tw", seed=3)
+    a = llm_audit.audit(tmp_path / "m.safetensors", options=opts, max_spectra=0).details
+    b = llm_audit.audit(tmp_path / "m.safetensors", trap_rule="tw", seed=3, max_spectra=0).details
+    m1 = monitor_weights({"fc.weight": W}, options=opts).layers[0]
+    m2 = monitor_weights({"fc.weight": W}, trap_rule="tw", seed=3).layers[0]
+    assert a.at[0, "max_rand_eval"] == b.at[0, "max_rand_eval"] == m1.max_rand_eval \
+        == m2.max_rand_eval
+    c = llm_audit.audit(tmp_path / "m.safetensors", options=opts, seed=4, max_spectra=0).details
+    assert c.at[0, "max_rand_eval"] != a.at[0, "max_rand_eval"]  # keywords win
+
+
+def test_cli_options_come_from_the_fields():
+    from dataclasses import fields
+
+    from llm_audit.options import AuditOptions, cli_flags
+
+    assert [n for n, _, _ in cli_flags()] == [f.name for f in fields(AuditOptions)]
+    flags = {n: (flag, kw) for n, flag, kw in cli_flags()}
+    assert flags["randomize"][0] == "--no-randomize"
+    assert flags["seed"][1]["default"] == AuditOptions().seed and flags["seed"][1]["type"] is int
+
+
+def test_demo_takes_the_audit_options(tmp_path):
+    from llm_audit.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--trap-rule", "tw", "--format", "csv,json",
+                 "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        "layers.csv", "summary.json", "traps.csv"]
