@@ -54,11 +54,18 @@ def _fc1(out: Path, step: int | str):
     return load_file(str(path))["fc1.weight"] if path.exists() else None
 
 
-def prototype_steps(history: pd.DataFrame, ph: dict) -> dict[str, int | str]:
-    """Snapshots to show: the start, the test peak ('best', saved at each new best test
-    accuracy: before the collapse), the end (in the collapse, if there is one)."""
-    return {"step 0 (init)": 0, f"step {ph['test_peak_step']} (test peak)": "best",
-            f"step {ph['final_step']} (end)": ph["final_step"]}
+def prototype_steps(out: Path, ph: dict) -> dict[str, int | str]:
+    """Snapshots to show: the earliest saved, the test peak ('best', saved at each new best
+    test accuracy: before the collapse), and the latest saved (in the collapse, if any)."""
+    saved = sorted(int(p.stem.split("_")[1])
+                   for p in (out / "snapshots").glob("step_*.safetensors"))
+    picks: dict[str, int | str] = {}
+    if saved:
+        picks[f"step {saved[0]} (first saved)"] = saved[0]
+    picks[f"step {ph['test_peak_step']} (test peak)"] = "best"
+    if saved and saved[-1] > ph["test_peak_step"]:
+        picks[f"step {saved[-1]} (latest)"] = saved[-1]
+    return picks
 
 
 def make_figures(out: str | Path) -> list[Path]:
@@ -81,7 +88,7 @@ def make_figures(out: str | Path) -> list[Path]:
                                   hline=2.0, marks=marks),
         figures.plot_signals(history, fig_dir / "comparison_signals.png", marks=marks),
     ]
-    mats = {label: w for label, s in prototype_steps(history, ph).items()
+    mats = {label: w for label, s in prototype_steps(out, ph).items()
             if (w := _fc1(out, s)) is not None}
     if mats:
         paths.append(figures.plot_prototypes(mats, fig_dir / "prototypes_fc1.png"))
