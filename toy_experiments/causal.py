@@ -15,8 +15,9 @@ much but not at the traps:
     python -m toy_experiments.causal --run reports/toy/mnist_collapse \\
         --data-dir ../shared/data/mnist [--rule ww] [--classes entries,tail]
 
-writes ``RUN/causal.csv``: step, test_acc, the traps by class of fc1 and fc2, and the test
-accuracy of every variant.
+writes ``RUN/causal_<rule>.csv``: step, test_acc, the traps by class of each repaired matrix,
+and the test accuracy of every variant. ``--modadd-preset P`` does the same for a
+modular-addition run of preset P (all 8 matrices repaired).
 """
 
 from __future__ import annotations
@@ -40,15 +41,16 @@ VARIANTS = ("clip", "clip_random", "clip_large", "subtract", "subtract_random")
 
 
 def variants(state: dict[str, torch.Tensor], opts: AuditOptions, classes: tuple[str, ...],
-             gen: torch.Generator) -> tuple[dict[str, dict], dict[str, int]]:
+             gen: torch.Generator, layers: tuple[str, ...] = LAYERS
+             ) -> tuple[dict[str, dict], dict[str, int]]:
     """({variant: state}, {column: count}) for one snapshot: the repaired and control
     weights of LAYERS, and per layer the traps by class and the entries clip touched."""
     out = {v: dict(state) for v in VARIANTS}
     counts: dict[str, int] = {}
-    for name in LAYERS:
+    for name in layers:
         W = state[name]
         an = matrix_anatomy(W, opts, name=name)
-        short = name.split(".")[0]
+        short = name.removesuffix(".weight").replace(".", "_")
         for cls in ("mean", "entries", "tail"):
             counts[f"{short}_traps_{cls}"] = an.count(cls)
         clipped, rec = repair_matrix(W, opts, name=name, method="clip", classes=classes)
@@ -93,10 +95,30 @@ def _subtract_random(W: torch.Tensor, an, classes, gen: torch.Generator) -> torc
     return flat.view(W.shape).to(W.dtype)
 
 
-def accuracy(state: dict[str, torch.Tensor], test) -> float:
-    m = MLP3()
-    m.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
-    return evaluate(m, test)[0]
+def mnist_accuracy(data_dir):
+    """state -> test accuracy of the MNIST MLP3 on the full 10k test set."""
+    _, test = notebook_subsets(data_dir)
+
+    def accuracy(state: dict[str, torch.Tensor]) -> float:
+        m = MLP3()
+        m.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
+        return evaluate(m, test)[0]
+    return accuracy
+
+
+def modadd_accuracy(preset: str, seed: int):
+    """state -> test accuracy of the modular-addition transformer on its run's test pairs."""
+    from . import modadd as ma
+    from . import modadd_train as mt
+
+    pr = mt.preset_with(preset)
+    data, _, _ = mt.setup(mt.Run(preset=pr, out=Path("unused"), seed=seed))
+
+    def accuracy(state: dict[str, torch.Tensor]) -> float:
+        m = ma.ModAddTransformer(ma.ModelConfig(p=pr.p))
+        m.load_state_dict({k: v.float() for k, v in state.items()})
+        return ma.evaluate(m, data.test_x, data.test_y)[0]
+    return accuracy
 
 
 def snapshots(run: Path) -> list[tuple[int, Path]]:
@@ -116,19 +138,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", default="entries,tail")
     ap.add_argument("--seed", type=int, default=0, help="audit seed; controls use seed + 1")
     ap.add_argument("--min-step", type=int, default=1)
+    ap.add_argument("--modadd-preset", default=None,
+                    help="the run is a modular-addition run of this preset (repairs all 8 "
+                         "matrices; MNIST runs repair fc1 and fc2)")
     args = ap.parse_args(argv)
     opts = AuditOptions(trap_rule=args.rule, seed=args.seed, device="cpu")
     classes = tuple(args.classes.split(","))
-    _, test = notebook_subsets(args.data_dir)
+    if args.modadd_preset:
+        from .modadd import AUDITED
+
+        accuracy, layers = modadd_accuracy(args.modadd_preset, args.seed), AUDITED
+    else:
+        accuracy, layers = mnist_accuracy(args.data_dir), LAYERS
     rows = []
     for step, path in snapshots(args.run):
         if step < args.min_step:
             continue
         state = {k: v.to(torch.float64) for k, v in load_file(str(path)).items()}
         gen = torch.Generator().manual_seed(args.seed + 1 + step)
-        states, counts = variants(state, opts, classes, gen)
-        row = {"step": step, "rule": args.rule, "test_acc": accuracy(state, test), **counts}
-        row.update({f"test_{v}": accuracy(s, test) for v, s in states.items()})
+        states, counts = variants(state, opts, classes, gen, layers)
+        row = {"step": step, "rule": args.rule, "test_acc": accuracy(state), **counts}
+        row.update({f"test_{v}": accuracy(s) for v, s in states.items()})
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) and not math.isnan(v)
                        else f"{k}={v}" for k, v in row.items()), flush=True)
