@@ -149,18 +149,21 @@ def _one_shuffle(S: torch.Tensor, S0: torch.Tensor, count: Counter, level: float
     if n_all == 0:
         return []
     n_rest = n_all if remove_mean else count(S0)
+    # a rank-1 change (the mean) moves the count by at most one, either way: centring can even
+    # add a trap; the rule's own count is n_all, of which at most one is the mean's
     n_mean = min(1, max(0, n_all - n_rest))
+    n_cls = n_all - n_mean  # traps classed entries / tail
     U, s, V = _triplets(base, n_all, generator)
     found = []
-    handful = int((S0.abs() > level).sum()) <= CLIP_K * max(n_rest, 1)
+    handful = int((S0.abs() > level).sum()) <= CLIP_K * max(n_cls, 1)
     evs = [float(x) ** 2 for x in s]  # the traps' eigenvalues, of the rule's own matrix
     if n_mean:
         j = int(torch.argmax(U.sum(0).abs() * V.sum(0).abs()))
         found.append(_Found(evs.pop(j), "mean", *_localise(base, U[:, j], V[:, j]),
                             sigma=float(s[j]), u=U[:, j], v=V[:, j], outliers=()))
-    if n_rest:  # the other traps' vectors come from S0, where the mean's spike is gone
-        U0, s0, V0 = (U, s, V) if remove_mean else _triplets(S0, n_rest, generator)
-        for t in range(n_rest):
+    if n_cls:  # the other traps' vectors come from S0, where the mean's spike is gone
+        U0, s0, V0 = (U, s, V) if remove_mean else _triplets(S0, n_cls, generator)
+        for t in range(n_cls):
             half, top = _localise(S0, U0[:, t], V0[:, t])
             clipped = _clip_top(S0, U0[:, t], V0[:, t], level)
             drops = handful and count(clipped) < n_rest

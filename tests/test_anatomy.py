@@ -119,3 +119,21 @@ def test_clip_level_is_the_gaussian_maximum(gen):
     W[0, :50] = 1e6  # outliers do not move the robust scale
     assert clip_level(W, gen) == pytest.approx(3 * math.sqrt(2 * math.log(1e6)), rel=0.01)
     assert float(W.abs().reshape(-1)[50:].max()) < clip_level(W, gen) * 1.1
+
+
+def test_centring_that_adds_a_trap_does_not_break_the_anatomy(gauss):
+    """A rank-1 change moves a count by at most one, either way: when subtracting the mean
+    makes one more eigenvalue cross the threshold, the rule's own count is still classed
+    (this crashed a training run with an IndexError)."""
+    from llm_audit.anatomy import trap_anatomy
+
+    calls = []
+
+    def count(S):  # the rule sees 1 trap; the centred matrix would have 2
+        calls.append(S)
+        return 1 if len(calls) == 1 else 2
+
+    perm = torch.randperm(gauss.numel(), generator=torch.Generator().manual_seed(0))
+    an = trap_anatomy(gauss, [perm], count=count, mean=0.0, remove_mean=False,
+                      generator=torch.Generator().manual_seed(1))
+    assert len(an.traps) == 1 and an.traps[0].cls == "tail"
