@@ -184,7 +184,54 @@ def repair_command(source, out, method, classes, **kw):
     return EXIT_OK
 
 
-SUBCOMMANDS = {"demo": demo_command, "diff": diff_command, "repair": repair_command}
+@click.command(context_settings=_CTX)
+@click.argument("inputs", nargs=-1, required=True, metavar="RUN_DIR_OR_GLOB...")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("reports/sweep"), show_default=True,
+              help="Output folder: one report subfolder per checkpoint, trend.* files.")
+@click.option("--order", type=click.Choice(["step", "name", "mtime"]), default="step",
+              show_default=True, help="step: by the step in each name (checkpoint-N, step_N, "
+              "global_stepN); name; mtime (modification time).")
+@click.option("--step-regex", metavar="REGEX",
+              help="Parse the step with REGEX (its first group) instead of the default pattern.")
+@_audit_options
+@click.option("--fail-on", metavar="EXPR", help="Conditions as for the audit (default "
+              "'rand_num_spikes>0,alpha<2', reported only): the first step each holds, per "
+              "matrix; exit 1 if one holds in any checkpoint.")
+def sweep_command(inputs, out, order, step_regex, fail_on, **kw):
+    """Audit a series of checkpoints (run folders, checkpoint folders or files, globs) and
+    write each one's report plus trend.csv/json/md/html; rerunning resumes and reuses."""
+    from .progress import ProgressBar
+    from .report import parse_formats
+    from .report.trend import first_lines
+    from .sweep import sweep
+
+    _setup_logging(kw["debug"])
+    formats = parse_formats(kw["formats"])
+
+    def done(entry, i, n):
+        if not kw["quiet"]:
+            traps = "n/a" if entry.total_traps is None else entry.total_traps
+            click.echo(f"[{i}/{n}] step {entry.item.step:,} {terminal(entry.item.name, 100)}: "
+                       f"{'reused' if entry.reused else 'audited'}, mean alpha "
+                       f"{entry.mean_alpha:.3f}, traps {traps}", err=True)
+
+    with contextlib.ExitStack() as stack:
+        bar = None if kw["quiet"] or not sys.stderr.isatty() else stack.enter_context(
+            ProgressBar())
+        result = sweep(inputs, out, order=order, step_regex=step_regex, fail_on=fail_on,
+                       formats=formats, allow_pickle=kw["allow_pickle"], progress=bar,
+                       on_checkpoint=done, **_options(kw))
+    for line in first_lines(result) if (fail_on or not kw["quiet"]) else []:
+        click.echo(f"llm-audit: {'fail-on' if fail_on else 'first'}: "
+                   f"{terminal(line, ONE_LINE_MAX)}", err=True)
+    if not kw["quiet"]:
+        click.echo(f"reports: {', '.join(str(p) for p in result.paths)}", err=True)
+    return EXIT_FAIL_ON if result.failed else EXIT_OK
+
+
+SUBCOMMANDS = {"demo": demo_command, "diff": diff_command, "repair": repair_command,
+               "sweep": sweep_command}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"llm-audit: error: {terminal(e.format_message(), ONE_LINE_MAX)}", err=True)
         code = EXIT_ERROR
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("llm-audit: interrupted (continue with --resume)", err=True)
+        hint = "run it again" if command is sweep_command else "continue with --resume"
+        click.echo(f"llm-audit: interrupted ({hint})", err=True)
         code = 130
     except (AuditError, OSError) as e:
         if debug:

@@ -71,6 +71,9 @@ class ProgressBar:
         from tqdm import tqdm
 
         if isinstance(event, AuditStarted):
+            if self.bar is not None:  # the next checkpoint of a sweep: a new bar
+                self.bar.close()
+            self.matrices = 0
             self.bar = tqdm(total=event.bytes_total, unit="B", unit_scale=True,
                             file=self.stream, leave=False, desc=event.model[:30],
                             mininterval=0.5)
