@@ -38,6 +38,7 @@ class MatrixMeta:
     module: str
     expert: int | None
     dtype: str
+    hf_module: str = ""  # empty: the row's hf_module is `module`
 
 
 def matrix_generator(seed: int, name: str) -> torch.Generator:
@@ -230,7 +231,7 @@ def _confounds(W: torch.Tensor) -> dict:
 
 def _base(W: torch.Tensor, meta: MatrixMeta) -> dict:
     return dict(name=meta.name, layer=meta.layer, module=meta.module, expert=meta.expert,
-                N=max(W.shape), M=min(W.shape), dtype=meta.dtype)
+                N=max(W.shape), M=min(W.shape), dtype=meta.dtype, hf_module=meta.hf_module)
 
 
 def _failed(W: torch.Tensor, meta: MatrixMeta, warning: str, seconds: float) -> MatrixResult:

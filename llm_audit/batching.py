@@ -116,7 +116,8 @@ def _analyse_batch(batch: list[DecodedJob],
 def _analyse_group(batch: list[DecodedJob], members: list[tuple[int, int]],
                    opts: AuditOptions) -> list[MatrixResult]:
     mats = [batch[i].matrices[p] for i, p in members]
-    metas = [MatrixMeta(m.name, m.job.layer, m.module, m.expert, _dtype(m.job)) for m in mats]
+    metas = [MatrixMeta(m.name, m.job.layer, m.module, m.expert, _dtype(m.job), m.job.hf_module)
+             for m in mats]
     key = shuffle_key(mats[0])
     W = mats[0].W[None] if len(mats) == 1 else torch.stack([m.W for m in mats])
     results = analyse_stack(W, metas, opts, key=key)
@@ -125,7 +126,7 @@ def _analyse_group(batch: list[DecodedJob], members: list[tuple[int, int]],
 
 
 def _dtype(job: MatrixJob) -> str:
-    return job.parts[0].dtype if job.scheme == "dense" else job.scheme
+    return job.parts[0].dtype if job.scheme in ("dense", "gguf") else job.scheme
 
 
 def _failed_job(job: MatrixJob, error: AuditError) -> MatrixResult:
@@ -133,5 +134,5 @@ def _failed_job(job: MatrixJob, error: AuditError) -> MatrixResult:
     shape = job.matrix_shape
     log.warning("%s: %s", job.name, error)
     return MatrixResult(name=job.name, layer=job.layer, module=job.module, expert=job.expert,
-                        N=max(shape), M=min(shape), dtype=_dtype(job),
+                        N=max(shape), M=min(shape), dtype=_dtype(job), hf_module=job.hf_module,
                         warning=f"failed: {error}", status="failed")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import quant
+from . import gguf_plan, quant
 from .errors import DecodeError
 from .routing import MatrixJob
 from .source import TensorInfo, read_bytes
@@ -96,6 +96,7 @@ DECODERS: dict[str, Callable[[MatrixJob, TensorReader, torch.device],
     "fp8_block128": quant.decode_fp8_block,
     "fp8_scaled": quant.decode_scaled,
     "int8_scaled": quant.decode_scaled,
+    "gguf": gguf_plan.decode_gguf,
 }
 
 

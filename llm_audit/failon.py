@@ -20,7 +20,7 @@ OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.n
        "<": operator.lt, ">": operator.gt}
 _OPS_LONGEST_FIRST = ("<=", ">=", "==", "!=", "<", ">")
 _NUMBER_CHARS = frozenset("0123456789.eE+-")
-_TEXT_COLUMNS = {"name", "module", "dtype", "warning", "status"}
+_TEXT_COLUMNS = {"name", "module", "hf_module", "dtype", "warning", "status"}
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,12 @@ def default_out(source: str | Path) -> Path:
 
 def plan(ckpt: Checkpoint, opts: AuditOptions) -> tuple[list[MatrixJob], list[Skipped]]:
     """The matrix jobs of a checkpoint after --include/--exclude, and the skipped tensors."""
-    jobs, skipped = plan_checkpoint(ckpt.tensors, ckpt.config_dict)
+    if ckpt.format == "gguf":
+        from .gguf_plan import plan_gguf
+
+        jobs, skipped = plan_gguf(ckpt.tensors)
+    else:
+        jobs, skipped = plan_checkpoint(ckpt.tensors, ckpt.config_dict)
     jobs = [j for j in jobs if opts.wants(j.parts[0].name)]  # the stored tensor's name
     skipped = [s for s in skipped if opts.wants(s.name)]
     return jobs, skipped

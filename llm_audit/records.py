@@ -22,7 +22,10 @@ class MatrixResult:
     expert: int | None  # expert index for MoE weights, None for dense tensors
     N: int  # max(rows, cols)
     M: int  # min(rows, cols)
-    dtype: str  # stored dtype / scheme of the source tensor
+    dtype: str  # stored dtype / scheme of the source tensor (GGUF: the GGML type, Q4_K, ...)
+    # the Hugging Face module this matrix is (GGUF's attn_q -> q_proj); empty -> `module`, so
+    # GGUF and safetensors audits of one model match on (layer, hf_module, expert)
+    hf_module: str = ""
     # power-law fit of the ESD (HTSR layer quality)
     alpha: float = NAN
     alpha_weighted: float = NAN
@@ -80,6 +83,10 @@ class MatrixResult:
     # one record per trap (the rows of traps.csv); not a column of layers.csv
     traps: tuple[TrapInfo, ...] = field(default=(), repr=False)
     outliers: tuple[tuple[int, int], ...] = field(default=(), repr=False)  # (row, col)
+
+    def __post_init__(self) -> None:
+        if not self.hf_module:
+            object.__setattr__(self, "hf_module", self.module)
 
     def as_row(self) -> dict:
         return {c: getattr(self, c) for c in COLUMNS}

@@ -32,6 +32,7 @@ class MatrixJob:
     decode splits them into one matrix each. `transposed`: the tensor is stored (in, out)
     (gpt-oss's BF16 expert stacks); decode turns it into the canonical (out, in) of
     ``nn.Linear`` and of the MXFP4 copy, so both give the same rows, shuffles included.
+    `hf_module`: the Hugging Face module name of a GGUF tensor (empty: `module` is one).
     """
 
     name: str
@@ -43,6 +44,7 @@ class MatrixJob:
     fused: tuple[str, ...] = ()
     fused_dim: int = 0
     transposed: bool = False
+    hf_module: str = ""
 
     @property
     def nbytes(self) -> int:

@@ -59,6 +59,7 @@ class Checkpoint:
     config: str = "{}"  # config.json text (kept as text so the record stays immutable)
     revision: str | None = None
     metadata: tuple[tuple[str, str], ...] = field(default=())
+    format: str = "safetensors"  # or "gguf" (gguf_source.py)
 
     @property
     def config_dict(self) -> dict:
@@ -144,7 +145,8 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, file_s
 def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False,
                     revision: str | None = None, name: str | None = None,
                     shards: Collection[str] | None = None) -> Checkpoint:
-    """Open a local ``.safetensors`` file or a folder (sharded with an index, or not).
+    """Open a local ``.safetensors`` file or a folder (sharded with an index, or not), or
+    a ``.gguf`` file, split set or folder of one (`gguf_source.open_gguf`).
 
     `shards` (names from the index) restricts a sharded folder to those shards: the others
     need not be present (a partial hub download).
@@ -153,6 +155,10 @@ def open_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False,
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder (give a .safetensors file, a model "
                           "folder, or a hub id org/name)")
+    from .gguf_source import is_gguf_source, open_gguf  # it imports this module
+
+    if is_gguf_source(path):
+        return open_gguf(path, name=name)
     root = path if path.is_dir() else path.parent
     config = _read_config(root / "config.json")
     if path.is_dir() and allow_pickle and _pickle_only_folder(path):
