@@ -1,8 +1,12 @@
 """`llm-audit diff A B`: what changed between two checkpoints (e.g. a base model and its fine-tune).
 
 A and B are each a checkpoint (audited here) or a folder of an earlier audit holding layers.csv.
-Matrices are matched by `name`; per matrix Δα, Δtraps and Δlog_norm, biggest changes first
-(largest |Δtraps|, then largest |Δα|, then largest |Δlog_norm|); unmatched names are listed.
+Matrices are matched by `name`; those left, by (layer, hf_module, expert) where that is unique
+on both sides and one side's module is translated: a GGUF copy of a model
+(``blk.3.attn_q.weight``, hf_module q_proj) meets its safetensors original
+(``model.layers.3.self_attn.q_proj.weight``). Per matrix Δα, Δtraps and Δlog_norm, biggest
+changes first (largest |Δtraps|, then |Δα|, then |Δlog_norm|); `name_b` is B's name of the
+matrix; unmatched names are listed.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import pandas as pd
 from .errors import FormatError
 from .safetext import clip
 
-DIFF_COLUMNS = ("name", "layer", "module", "expert", "alpha_a", "alpha_b", "d_alpha",
-                "traps_a", "traps_b", "d_traps", "log_norm_a", "log_norm_b", "d_log_norm",
-                "warning_a", "warning_b")
+DIFF_COLUMNS = ("name", "name_b", "layer", "module", "hf_module", "expert", "alpha_a",
+                "alpha_b", "d_alpha", "traps_a", "traps_b", "d_traps", "log_norm_a",
+                "log_norm_b", "d_log_norm", "warning_a", "warning_b")
+_KEEP = ("name", "layer", "module", "hf_module", "expert", "alpha", "rand_num_spikes",
+         "log_norm", "warning")
 _NEEDED = ("name", "alpha", "rand_num_spikes", "log_norm")
 
 
@@ -62,7 +68,8 @@ def load_side(path: str | Path, *, allow_pickle: bool = False,
     csv = p / "layers.csv"
     if p.is_dir() and csv.is_file():
         try:  # names stay text even when they look like numbers ("0", "1e3")
-            table = pd.read_csv(csv, dtype={"name": str, "module": str, "warning": str},
+            table = pd.read_csv(csv, dtype={"name": str, "module": str, "hf_module": str,
+                                            "warning": str},
                                 keep_default_na=False, na_values=[""])
         except (ValueError, pd.errors.ParserError) as e:
             raise FormatError(f"{csv}: cannot read as CSV ({clip(e)})") from e
@@ -100,25 +107,63 @@ def _label(folder: Path) -> str:
 
 def diff_tables(a: pd.DataFrame, b: pd.DataFrame, label_a: str = "A",
                 label_b: str = "B") -> DiffResult:
-    """Match rows by name and compute the changes (B − A)."""
-    keep = ["name", "layer", "module", "expert", "alpha", "rand_num_spikes", "log_norm", "warning"]
-    a = a[[c for c in keep if c in a.columns]].drop_duplicates("name")
-    b = b[[c for c in keep if c in b.columns]].drop_duplicates("name")
-    m = a.merge(b, on="name", suffixes=("_a", "_b"))
-    t = pd.DataFrame({"name": m["name"]})
-    for col in ("layer", "module", "expert"):
-        t[col] = m[f"{col}_a"] if f"{col}_a" in m else None
+    """Match rows by name, the rest by (layer, hf_module, expert), and compute B − A."""
+    a, b = _normalise(a), _normalise(b)
+    m = match_rows(a, b)
+    t = pd.DataFrame({"name": m["name_a"], "name_b": m["name_b"]})
+    for col in ("layer", "module", "hf_module", "expert"):
+        t[col] = m[f"{col}_a"]
     for new, old in (("alpha", "alpha"), ("traps", "rand_num_spikes"), ("log_norm", "log_norm")):
         t[f"{new}_a"] = pd.to_numeric(m[f"{old}_a"], errors="coerce")
         t[f"{new}_b"] = pd.to_numeric(m[f"{old}_b"], errors="coerce")
         t[f"d_{new}"] = t[f"{new}_b"] - t[f"{new}_a"]
     for side in ("a", "b"):
-        t[f"warning_{side}"] = m[f"warning_{side}"].fillna("") if f"warning_{side}" in m else ""
+        t[f"warning_{side}"] = m[f"warning_{side}"].fillna("")
     order = pd.DataFrame({"t": t["d_traps"].abs().fillna(-1), "a": t["d_alpha"].abs().fillna(-1),
                           "n": t["d_log_norm"].abs().fillna(-1)})
     idx = order.sort_values(["t", "a", "n"], ascending=False, kind="stable").index
     t = t.loc[idx, list(DIFF_COLUMNS)].reset_index(drop=True)
-    names_a, names_b = set(a["name"]), set(b["name"])
+    names_a, names_b = set(t["name"]), set(t["name_b"])
     return DiffResult(label_a, label_b, t,
-                      tuple(n for n in a["name"] if n not in names_b),
-                      tuple(n for n in b["name"] if n not in names_a))
+                      tuple(n for n in a["name"] if n not in names_a),
+                      tuple(n for n in b["name"] if n not in names_b))
+
+
+def _normalise(t: pd.DataFrame) -> pd.DataFrame:
+    """The columns a diff reads, every one present; hf_module defaults to module (a layers.csv
+    written before the column existed)."""
+    t = t.copy()
+    for col in _KEEP:
+        if col not in t.columns:
+            t[col] = None
+    hf = t["hf_module"].astype("string")
+    t["hf_module"] = hf.where(hf.notna() & (hf != ""), t["module"].astype("string"))
+    return t[list(_KEEP)].drop_duplicates("name")
+
+
+def match_rows(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Rows of A and B side by side (columns `<col>_a`, `<col>_b`): equal names first; then
+    rows left over whose (layer, hf_module, expert) is unique on both sides, where one of the
+    two has a translated module (hf_module != module), so that a GGUF's ``blk.3.attn_q.weight``
+    meets the safetensors ``model.layers.3.self_attn.q_proj.weight`` (two safetensors audits
+    match by name only, as before)."""
+    by_name = a.merge(b, on="name", suffixes=("_a", "_b"))
+    by_name["name_a"] = by_name["name_b"] = by_name.pop("name")
+    rest_a = a[~a["name"].isin(set(b["name"]))].assign(_key=match_key)
+    rest_b = b[~b["name"].isin(set(a["name"]))].assign(_key=match_key)
+    by_key = rest_a.dropna(subset=["_key"]).merge(rest_b.dropna(subset=["_key"]), on="_key",
+                                                  suffixes=("_a", "_b")).drop(columns="_key")
+    renamed = (by_key["module_a"] != by_key["hf_module_a"]) | \
+        (by_key["module_b"] != by_key["hf_module_b"])
+    return pd.concat([by_name, by_key[renamed]], ignore_index=True)
+
+
+def match_key(t: pd.DataFrame) -> pd.Series:
+    """'layer|hf_module|expert' per row; None where hf_module is empty or the key is not
+    unique in `t` (BERT's several `dense` of one layer match by name only)."""
+    parts = [pd.to_numeric(t["layer"], errors="coerce").astype("Int64").astype("string"),
+             t["hf_module"].astype("string"),
+             pd.to_numeric(t["expert"], errors="coerce").astype("Int64").astype("string")]
+    key = parts[0].fillna("") + "|" + parts[1].fillna("") + "|" + parts[2].fillna("")
+    key = key.where(parts[1].notna() & (parts[1] != ""))
+    return key.where(key.isna() | ~key.duplicated(keep=False))

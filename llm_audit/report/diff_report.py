@@ -49,7 +49,8 @@ def render_diff_markdown(result) -> str:
              "| name | α A | α B | Δα | traps A | traps B | Δtraps | Δlog_norm |",
              "|---|---|---|---|---|---|---|---|"]
     for r in t.head(MAX_MD_ROWS).itertuples():
-        lines.append(f"| {_code(r.name)} | {_fmt(r.alpha_a)} | {_fmt(r.alpha_b)} | "
+        name = _code(r.name) if r.name_b == r.name else f"{_code(r.name)} → {_code(r.name_b)}"
+        lines.append(f"| {name} | {_fmt(r.alpha_a)} | {_fmt(r.alpha_b)} | "
                      f"{_fmt(r.d_alpha)} | {_fmt(r.traps_a)} | {_fmt(r.traps_b)} | "
                      f"{_fmt(r.d_traps)} | {_fmt(r.d_log_norm)} |")
     lines.append("")
@@ -64,7 +65,7 @@ def render_diff_markdown(result) -> str:
 
 
 def render_diff_html(result) -> str:
-    cols = ("name", "layer", "module", "expert") + NUMERIC + ("warning_a", "warning_b")
+    cols = ("name", "name_b", "layer", "hf_module", "expert") + NUMERIC + ("warning_a", "warning_b")
     data = table(result.table, cols, set(NUMERIC) | {"layer", "expert"})
     s = result.summary
     return environment().get_template("diff.html.j2").render(
