@@ -154,12 +154,19 @@ def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,
     round_off = spectral.FLOAT32_ROUND_OFF if prec == torch.float32 else 0.0
     fit = spectral.fit_power_law(evals, fix_fingers=opts.fix_fingers, round_off=round_off)
     mp = mp_fit(evals, N, M)
-    if opts.precision == "auto" and not _float32_decided(evals, fit, mp.threshold, opts, name):
-        prec = torch.float64
-        evals = spectral.esd(W)
-        fit = spectral.fit_power_law(evals, fix_fingers=opts.fix_fingers)
-        mp = mp_fit(evals, N, M)
-    norms = spectral.spectral_norms(evals)
+    full_rank = False  # float32 read rank-deficient, float64 Cholesky says full rank
+    if opts.precision == "auto":
+        decided = _float32_decided(evals, fit, mp.threshold, opts, name)
+        if decided and spectral.spectral_norms(evals).rank < evals.numel():
+            # float32 cannot tell an eigenvalue below the rank threshold from round-off of
+            # either sign; a float64 Cholesky decides full rank at a third of a redo's cost
+            decided = full_rank = spectral.full_rank(W, float(evals.max()))
+        if not decided:
+            prec = torch.float64
+            evals = spectral.esd(W)
+            fit = spectral.fit_power_law(evals, fix_fingers=opts.fix_fingers)
+            mp = mp_fit(evals, N, M)
+    norms = spectral.spectral_norms(evals, full_rank=full_rank)
     out = dict(
         alpha=fit.alpha, xmin=fit.xmin, D=fit.D, sigma=fit.sigma,
         num_pl_spikes=fit.num_pl_spikes, num_fingers=fit.num_fingers, raw_alpha=fit.raw_alpha,
@@ -181,11 +188,9 @@ def _float32_decided(evals: torch.Tensor, fit: spectral.PowerLawFit, mp_threshol
     round-off: by the bound (`alpha_spread`) or, failing that, by refitting twice with every
     eigenvalue perturbed by PERTURB_ULPS ulps of λ_max (the measured size of float32's error);
     α may move by at most max(ALPHA_TOL, ALPHA_TOL_SIGMAS·σ(α)). No eigenvalue may sit within
-    round-off of the MP spike threshold. A failed fit is redone in float64 (round-off?), and so
-    is a spectrum that reads rank-deficient: float32 cannot tell an eigenvalue below the rank
-    threshold from round-off of either sign (a full float32 rank is kept: README, Precision)."""
-    if not bool(torch.isfinite(evals).all()) or not fit.ok \
-            or spectral.spectral_norms(evals).rank < evals.numel():
+    round-off of the MP spike threshold. A failed fit is redone in float64 (round-off?). (The
+    rank is decided by the caller: README, Precision.)"""
+    if not bool(torch.isfinite(evals).all()) or not fit.ok:
         return False
     tol = max(ALPHA_TOL, ALPHA_TOL_SIGMAS * fit.sigma)
     lmax = float(evals.max())

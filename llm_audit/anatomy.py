@@ -115,17 +115,20 @@ def clip_level(W: torch.Tensor, generator: torch.Generator) -> float:
 
 
 def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], *, count: Counter,
-                 mean: float, remove_mean: bool, generator: torch.Generator) -> Anatomy:
+                 threshold: float, mean: float, remove_mean: bool, generator: torch.Generator,
+                 known: int | None = None) -> Anatomy:
     """Anatomy of the traps of W (rows, cols) over its shuffles ``perms`` (flat permutations,
     one per shuffle: WeightWatcher pools several for small matrices). ``count(S)`` counts the
-    eigenvalues of SᵀS above the rule's threshold; ``remove_mean``: the rule subtracts the
-    entries' mean before counting (then no trap is of class ``mean``)."""
+    eigenvalues of SᵀS above the rule's ``threshold``; ``remove_mean``: the rule subtracts the
+    entries' mean before counting (then no trap is of class ``mean``); ``known``: the rule's
+    own count when there is one shuffle (saves recounting it)."""
     level = clip_level(W, generator)
     found: list[tuple[_Found, torch.Tensor]] = []
     for perm in perms:
         S = W.reshape(-1).to(torch.float64)[perm].view(W.shape)  # the rule's shuffle
-        found += [(f, perm) for f in _one_shuffle(S, S - mean, count, level,
-                                                  remove_mean=remove_mean, generator=generator)]
+        found += [(f, perm) for f in _one_shuffle(
+            S, S - mean, count, level, remove_mean=remove_mean, generator=generator, mean=mean,
+            threshold=threshold, known=known if len(perms) == 1 else None)]
     found.sort(key=lambda fp: -fp[0].eigenvalue)
     cols = W.shape[1]
     traps = tuple(TrapInfo(trap=n + 1, eigenvalue=f.eigenvalue, cls=f.cls,
@@ -142,35 +145,52 @@ def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], *, count: Count
 
 
 def _one_shuffle(S: torch.Tensor, S0: torch.Tensor, count: Counter, level: float, *,
-                 remove_mean: bool, generator: torch.Generator) -> list[_Found]:
-    """The traps of one shuffle S (S0 = S − mean), classed and localised."""
+                 remove_mean: bool, generator: torch.Generator, mean: float, threshold: float,
+                 known: int | None = None) -> list[_Found]:
+    """The traps of one shuffle S (S0 = S − mean), classed and localised; ``known``: the rule's
+    own count for this shuffle (not recounted)."""
     base = S0 if remove_mean else S
-    n_all = count(base)
+    n_all = count(base) if known is None else known
     if n_all == 0:
         return []
-    n_rest = n_all if remove_mean else count(S0)
+    U, s, V = _triplets(base, n_all + (not remove_mean), generator)
+    n_rest = n_all if remove_mean else _centred_count(S0, s, n_all, count, mean, threshold)
     # a rank-1 change (the mean) moves the count by at most one, either way: centring can even
     # add a trap; the rule's own count is n_all, of which at most one is the mean's
     n_mean = min(1, max(0, n_all - n_rest))
     n_cls = n_all - n_mean  # traps classed entries / tail
-    U, s, V = _triplets(base, n_all, generator)
+    U, s, V = U[:, :n_all], s[:n_all], V[:, :n_all]
     found = []
     handful = int((S0.abs() > level).sum()) <= CLIP_K * max(n_cls, 1)
     evs = [float(x) ** 2 for x in s]  # the traps' eigenvalues, of the rule's own matrix
     if n_mean:
         j = int(torch.argmax(U.sum(0).abs() * V.sum(0).abs()))
-        found.append(_Found(evs.pop(j), "mean", *_localise(base, U[:, j], V[:, j]),
+        found.append(_Found(evs.pop(j), "mean", *_localise(_contributions(base, U[:, j], V[:, j])),
                             sigma=float(s[j]), u=U[:, j], v=V[:, j], outliers=()))
     if n_cls:  # the other traps' vectors come from S0, where the mean's spike is gone
         U0, s0, V0 = (U, s, V) if remove_mean else _triplets(S0, n_cls, generator)
         for t in range(n_cls):
-            half, top = _localise(S0, U0[:, t], V0[:, t])
-            clipped = _clip_top(S0, U0[:, t], V0[:, t], level)
-            drops = handful and count(clipped) < n_rest
+            c = _contributions(S0, U0[:, t], V0[:, t])
+            half, top = _localise(c)
+            # the clipping test only when the outliers are a handful (otherwise `tail` anyway):
+            # it costs a count, i.e. an eigen-solve, per trap
+            drops = handful and count(clipped := _clip_top(S0, c, level)) < n_rest
             changed = tuple(int(i) for i in _changed(S0, clipped)) if drops else ()
             found.append(_Found(evs[t], "entries" if drops else "tail", half, top,
                                 sigma=float(s0[t]), u=U0[:, t], v=V0[:, t], outliers=changed))
     return found
+
+
+def _centred_count(S0: torch.Tensor, s: torch.Tensor, n_all: int, count: Counter,
+                   mean: float, threshold: float) -> int:
+    """count(S0), skipped when Weyl's inequality settles it: S0 = S − mean·11ᵀ moves every
+    singular value of S by at most ‖mean·11ᵀ‖₂ = |mean|·√(rows·cols), so when the smallest
+    trap's s[n_all−1] and the largest non-trap's s[n_all] (s: S's top n_all + 1) are both
+    farther than that from √τ, no eigenvalue of S0ᵀS0 crosses τ."""
+    shift, edge = abs(mean) * math.sqrt(S0.numel()), math.sqrt(threshold)
+    if len(s) > n_all and float(s[n_all - 1]) - shift > edge and float(s[n_all]) + shift < edge:
+        return n_all
+    return count(S0)
 
 
 def _triplets(S: torch.Tensor, k: int, generator: torch.Generator):
@@ -186,22 +206,31 @@ def _contributions(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.T
     return c if float(c.sum()) >= 0 else -c
 
 
-def _localise(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """(half_mass_entries, the CLIP_K largest contributions' flat indices, largest first)."""
-    c = _contributions(S, u, v)
+def _localise(c: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(half_mass_entries, the CLIP_K largest contributions' flat indices, largest first), from
+    the contributions c (Σc = σ > 0). Only the candidates above a level t are sorted: t starts
+    at max(c)/8 and drops ×8 until the candidates' sum reaches σ/2, which then holds the
+    half-mass entries exactly (a full sort of rows·cols values cost 1.5 s a trap at 2880²).
+    Above FULL_SORT_MAX entries at most HALF_MASS_TOP candidates are kept (a lower bound)."""
     half = float(c.sum()) / 2
-    if c.numel() <= FULL_SORT_MAX:
-        srt = torch.sort(c, descending=True)
-    else:
-        srt = torch.topk(c, HALF_MASS_TOP)
-    reached = torch.nonzero(torch.cumsum(srt.values, 0) >= half)
-    n_half = int(reached[0]) + 1 if len(reached) else len(srt.values)
-    return n_half, srt.indices[:min(n_half, CLIP_K)]
+    top, t = float(c.max()), float(c.max())
+    while True:
+        t /= 8
+        mask = c >= t
+        if float(c[mask].sum()) >= half or t < top * 1e-30:
+            break
+    idx = torch.nonzero(mask).flatten()
+    vals, order = torch.sort(c[idx], descending=True)
+    if c.numel() > FULL_SORT_MAX:
+        vals, order = vals[:HALF_MASS_TOP], order[:HALF_MASS_TOP]
+    reached = torch.nonzero(torch.cumsum(vals, 0) >= half)
+    n_half = int(reached[0]) + 1 if len(reached) else len(vals)
+    return n_half, idx[order[:min(n_half, CLIP_K)]]
 
 
-def _clip_top(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor, level: float) -> torch.Tensor:
-    """S with the CLIP_K entries of largest |contribution| clipped to ±level."""
-    idx = torch.topk(_contributions(S, u, v).abs(), min(CLIP_K, S.numel())).indices
+def _clip_top(S: torch.Tensor, c: torch.Tensor, level: float) -> torch.Tensor:
+    """S with the CLIP_K entries of largest |contribution| (c) clipped to ±level."""
+    idx = torch.topk(c.abs(), min(CLIP_K, S.numel())).indices
     out = S.clone().reshape(-1)
     out[idx] = out[idx].clamp(-level, level)
     return out.view(S.shape)

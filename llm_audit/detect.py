@@ -101,7 +101,8 @@ def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int,
         return anatomy.NO_TRAPS
     def count(S: torch.Tensor) -> int:
         return int((top_above(S, threshold, generator, torch.float64) > threshold).sum())
-    return anatomy.trap_anatomy(W, perms, count=count, mean=moments[0],
+    return anatomy.trap_anatomy(W, perms, count=count, threshold=threshold, mean=moments[0],
+                                known=num_traps,
                                 remove_mean=remove_mean, generator=generator)
 
 

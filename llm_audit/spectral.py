@@ -57,6 +57,8 @@ class SpectralNorms:
     entropy: float  # matrix entropy −Σ p ln p / ln(rank), p = λ/Σλ
     rank: int
 
+RANK_MARGIN = 16.0  # full_rank: Cholesky shift in units of the rank threshold
+
 
 def esd(W: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Ascending eigenvalues λ = s(W)² of WᵀW in float64: M = min(rows, cols) of them, for one
@@ -228,17 +230,36 @@ def _failed(reason: str) -> PowerLawFit:
     return PowerLawFit(math.nan, math.nan, math.nan, 0, failed=reason)
 
 
-def spectral_norms(evals: torch.Tensor) -> SpectralNorms:
-    """Norm-based metrics of an ESD (eigenvalues of WᵀW, any order)."""
+def spectral_norms(evals: torch.Tensor, *, full_rank: bool = False) -> SpectralNorms:
+    """Norm-based metrics of an ESD (eigenvalues of WᵀW, any order); ``full_rank``: the rank is
+    known to be full (`full_rank` below) whatever the eigenvalues read."""
     lam = evals.to(torch.float64).clamp_min(0)
     total, lmax = float(lam.sum()), float(lam.max())
     # numerical rank of the Gram matrix (what float64 eigenvalues can resolve)
-    rank = int((lam > lmax * lam.numel() * torch.finfo(torch.float64).eps).sum())
+    rank = lam.numel() if full_rank else int((lam > lmax * _rank_tol(lam.numel())).sum())
     p = lam[lam > 0] / total
     ent = float(-(p * p.log()).sum() / math.log(rank)) if rank > 1 else 0.0
     return SpectralNorms(lambda_max=lmax, log_norm=math.log10(total),
                          log_spectral_norm=math.log10(lmax), stable_rank=total / lmax,
                          entropy=ent, rank=rank)
+
+
+def _rank_tol(M: int) -> float:
+    """The rank threshold relative to λ_max: M·ε₆₄ (numpy's matrix_rank on the Gram)."""
+    return M * torch.finfo(torch.float64).eps
+
+
+def full_rank(W: torch.Tensor, lmax: float) -> bool:
+    """Whether every eigenvalue of WᵀW lies above the rank threshold λ_max·M·ε₆₄, decided by a
+    float64 Cholesky of G − RANK_MARGIN·threshold·I (G the float64 Gram; λ_max may come from a
+    float32 spectrum). Success proves G − shift positive definite up to Cholesky's backward
+    error (≲ M·ε₆₄·λ_max, the threshold's own size, hence the margin); failure says nothing
+    (the caller recomputes the spectrum in float64). A third of a float64 eigvalsh's cost."""
+    c = pow2_scale(W)
+    G = gram(W, dtype=torch.float64, scale=c)  # lower triangle, all Cholesky reads
+    shift = RANK_MARGIN * lmax * float(c.reshape(-1)[0]) ** 2 * _rank_tol(G.shape[-1])
+    G.diagonal().sub_(shift)
+    return int(torch.linalg.cholesky_ex(G).info) == 0
 
 
 def entry_moments(W: torch.Tensor) -> tuple[float, float]:

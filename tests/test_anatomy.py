@@ -134,6 +134,31 @@ def test_centring_that_adds_a_trap_does_not_break_the_anatomy(gauss):
         return 1 if len(calls) == 1 else 2
 
     perm = torch.randperm(gauss.numel(), generator=torch.Generator().manual_seed(0))
-    an = trap_anatomy(gauss, [perm], count=count, mean=0.0, remove_mean=False,
+    # threshold 0: Weyl's shortcut cannot settle the centred count, so the fake counter is asked
+    an = trap_anatomy(gauss, [perm], count=count, threshold=0.0, mean=0.0, remove_mean=False,
                       generator=torch.Generator().manual_seed(1))
     assert len(an.traps) == 1 and an.traps[0].cls == "tail"
+
+
+def test_weyl_shortcut_skips_the_centred_count_and_changes_nothing(gauss, monkeypatch):
+    """Under `ww` the centred matrix's count is skipped when no singular value lies within
+    |mean|·√(N·M) of √τ (Weyl); the anatomy is then identical to always counting it."""
+    from llm_audit import anatomy
+
+    W = gauss + 0.002
+    W[7, 9], W[100, 400] = 60.0, -58.0
+    real, asked = anatomy._centred_count, []
+
+    def spy(S0, s, n_all, count, mean, threshold):
+        def counting(S):
+            asked.append(1)
+            return count(S)
+        return real(S0, s, n_all, counting, mean, threshold)
+
+    monkeypatch.setattr(anatomy, "_centred_count", spy)
+    fast = _row(W, "ww")
+    assert fast.rand_num_spikes == 2 and asked == []  # settled by Weyl every time
+    monkeypatch.setattr(anatomy, "_centred_count",
+                        lambda S0, s, n_all, count, mean, threshold: count(S0))
+    slow = _row(W, "ww")
+    assert fast.traps == slow.traps and _classes(fast) == _classes(slow) == (0, 2, 0)

@@ -131,3 +131,46 @@ def test_minilm_auto_agrees_with_float64():
     assert (auto.D - f64.D)[ok].abs().max() <= 1e-4
     for col in ("num_pl_spikes", "rand_num_spikes", "num_spikes", "matrix_rank"):
         assert (auto[col] == f64[col]).all(), col
+
+
+def _conditioned(n: int, smallest: float, rank: int | None = None, seed: int = 0) -> torch.Tensor:
+    """n×n with singular values log-spaced from 1 down to `smallest` (the last n − rank zero)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(0, math.log10(smallest), n, dtype=torch.float64)
+    if rank is not None:
+        s[rank:] = 0
+    return (U * s) @ V.T
+
+
+def test_full_rank_known_answers(gen):
+    assert spectral.full_rank(torch.randn(200, 200, generator=gen, dtype=torch.float64), 1.0)
+    assert spectral.full_rank(torch.randn(300, 100, generator=gen), 1.0)  # tall, float32 entries
+    low = _conditioned(200, 1e-2, rank=20)
+    lmax = float(spectral.esd(low).max())
+    assert not spectral.full_rank(low, lmax)
+    assert not spectral.full_rank(low * 2.0**-110, lmax * 2.0**-220)  # scale-invariant
+    ill = _conditioned(200, 1e-4)  # λ_min/λ_max = 1e-8, far above 200·ε₆₄ ≈ 4e-14
+    assert spectral.full_rank(ill, 1.0) and spectral.full_rank(ill * 2.0**100, 2.0**200)
+    assert not spectral.full_rank(_conditioned(200, 1e-7), 1.0)  # 1e-14: below the threshold
+
+
+def test_square_matrix_float32_rank_reading_is_settled_by_cholesky(tmp_path):
+    """A full-rank square matrix whose smallest eigenvalues float32 cannot resolve stays in
+    float32 (the rank comes from a float64 Cholesky); a rank-deficient one is redone."""
+    g = torch.Generator().manual_seed(1)
+    U, s, Vh = torch.linalg.svd(torch.randn(256, 256, generator=g, dtype=torch.float64))
+    s[-20:] = s[0] * 1e-4 * torch.linspace(1, 2, 20, dtype=torch.float64)  # λ ≈ 1e-8·λ_max
+    ill = ((U * s) @ Vh).float()
+    s[-156:] = 0
+    low = ((U * s) @ Vh).float()  # rank 100
+    assert spectral.spectral_norms(spectral.esd(ill, dtype=torch.float32)).rank < 256
+    f = tmp_path / "m.safetensors"
+    save_file({"a.weight": ill, "b.weight": low}, f)
+    auto = llm_audit.audit(f, max_spectra=0).details.set_index("name")
+    f64 = llm_audit.audit(f, precision="float64", max_spectra=0).details.set_index("name")
+    assert auto.precision.to_dict() == {"a.weight": "float32", "b.weight": "float64"}
+    assert auto.matrix_rank.to_dict() == f64.matrix_rank.to_dict() == {"a.weight": 256,
+                                                                       "b.weight": 100}
+    assert auto.entropy["a.weight"] == pytest.approx(f64.entropy["a.weight"], rel=1e-5)
