@@ -194,12 +194,11 @@ def _reader_class(gguf):
             super().__init__(path, "r")
 
         def _get(self, offset, dtype, count=1, override_order=None):
-            arr = super()._get(offset, dtype, count, override_order)
-            if len(arr) != int(count):
+            if int(offset) + np.dtype(dtype).itemsize * int(count) > self._size:
                 raise FormatError(f"{self._path}: header truncated: it continues at byte "
                                   f"{int(offset):,} but the file has {self._size:,} bytes; "
                                   "re-download it")
-            return arr
+            return super()._get(offset, dtype, count, override_order)
 
         def _build_fields(self, offs, count):
             _check_count(self._path, "metadata keys", count, offs, self._size, _KV_MIN, MAX_KV)
