@@ -97,7 +97,7 @@ def _analyse_batch(batch: list[DecodedJob],
     ok = [i for i, d in enumerate(batch) if d.error is None]
     for i, d in enumerate(batch):
         if d.error is not None:
-            rows[i].append(_failed_job(d.job, d.error))
+            rows[i].append(failed_job(d.job, d.error))
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for i in ok:
         for p, m in enumerate(batch[i].matrices):
@@ -129,7 +129,7 @@ def _dtype(job: MatrixJob) -> str:
     return job.parts[0].dtype if job.scheme in ("dense", "gguf") else job.scheme
 
 
-def _failed_job(job: MatrixJob, error: AuditError) -> MatrixResult:
+def failed_job(job: MatrixJob, error: AuditError) -> MatrixResult:
     """The row of a job whose bytes could not be decoded."""
     shape = job.matrix_shape
     log.warning("%s: %s", job.name, error)

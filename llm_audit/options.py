@@ -47,7 +47,13 @@ class AuditOptions:
                           "any matrix whose answer float32 round-off could change.",
                           choices=PRECISIONS)
 
+    executor: str = _opt("serial", "Who analyses the matrices: serial | processes[:N] (N local "
+                         "worker processes; one per GPU with --device cuda) | ray[:ADDRESS] "
+                         "(Ray tasks; no address: a local cluster; ray:auto: the running "
+                         "one). Results are identical.", metavar="SPEC")
+
     def __post_init__(self) -> None:
+        parse_executor(self.executor)
         for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
             if rx is not None:
                 compile_filter(rx, flag)
@@ -94,6 +100,30 @@ class AuditOptions:
             raise UsageError(f"--device {self.device}: there are only "
                              f"{torch.cuda.device_count()} CUDA device(s)")
         return dev
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    kind: str  # serial | processes | ray
+    workers: int | None = None  # processes:N
+    address: str | None = None  # ray:ADDRESS
+
+
+def parse_executor(spec: str) -> ExecutorSpec:
+    """``serial``, ``processes[:N]`` (N >= 1) or ``ray[:ADDRESS]`` (an address may hold
+    colons: ``ray:10.0.0.1:6379``)."""
+    kind, _, arg = str(spec).partition(":")
+    if kind == "serial" and not arg:
+        return ExecutorSpec("serial")
+    if kind == "processes":
+        if not arg:
+            return ExecutorSpec("processes")
+        if arg.isdigit() and int(arg) >= 1:
+            return ExecutorSpec("processes", workers=int(arg))
+    if kind == "ray":
+        return ExecutorSpec("ray", address=arg or None)
+    raise UsageError(f"--executor {clip(str(spec))!r} is not an executor: use serial, "
+                     "processes[:N] (N >= 1) or ray[:ADDRESS]")
 
 
 def resolve_options(options: AuditOptions | None, fields_: dict) -> AuditOptions:

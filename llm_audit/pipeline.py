@@ -17,9 +17,10 @@ import torch
 
 from . import __version__
 from .anatomy import TRAP_CLASSES
-from .batching import analyse_jobs, shuffle_key
+from .batching import shuffle_key
 from .decode import TensorReader, decode
 from .errors import AuditError, UsageError
+from .executors import executor_for
 from .hub import resolve_source
 from .journal import Journal, job_key
 from .options import AuditOptions, resolve_options
@@ -130,7 +131,7 @@ def iter_audit(jobs: list[MatrixJob], opts: AuditOptions, progress: Observer | N
     done_bytes = 0
     with contextlib.ExitStack() as stack:
         computed = stack.enter_context(contextlib.closing(
-            analyse_jobs([jobs[i] for i in todo], opts, device)))
+            executor_for(opts)([jobs[i] for i in todo], opts, device)))
         ready: dict[int, tuple[MatrixResult, ...]] = {}
         for i, (job, key, rows) in enumerate(zip(jobs, keys, cached, strict=True)):
             hit = rows is not None
