@@ -57,7 +57,7 @@ def _no_analysis(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a matrix was analysed")
 
-    monkeypatch.setattr(llm_audit.pipeline, "analyse_jobs", refuse)
+    monkeypatch.setattr(llm_audit.pipeline, "executor_for", lambda opts: refuse)
 
 
 # --- step parsing and ordering (pure) ---------------------------------------------------------
@@ -268,13 +268,15 @@ def test_interrupted_checkpoint_resumes_from_its_journal(run_dir, tmp_path, monk
     journal = folder / PARTIAL_DIR / ROWS_FILE
     journal.write_text(journal.read_text().splitlines()[0] + "\n")
     analysed = []
-    real = llm_audit.pipeline.analyse_jobs
+    real = llm_audit.pipeline.executor_for
 
-    def counting(jobs, *a, **k):
-        analysed.extend(j.name for j in jobs)
-        return real(jobs, *a, **k)
+    def counting(opts):
+        def run(jobs, *a, **k):
+            analysed.extend(j.name for j in jobs)
+            return real(opts)(jobs, *a, **k)
+        return run
 
-    monkeypatch.setattr(llm_audit.pipeline, "analyse_jobs", counting)
+    monkeypatch.setattr(llm_audit.pipeline, "executor_for", counting)
     r = sweep([run_dir / "checkpoint-200"], tmp_path, device="cpu", formats=("csv",))
     assert analysed == [FC2] and not r.entries[0].reused
     assert pd.read_csv(folder / "layers.csv")["name"].tolist() == [FC1, FC2]
