@@ -62,8 +62,13 @@ def _options(kw: dict) -> dict:
               help="Continue an interrupted audit in --out without recomputing finished matrices.")
 @click.option("--log-json", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Write JSON lines (start, one per matrix, end) to FILE.")
-def audit_command(source, out, fail_on, resume, log_json, **kw):
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Only print what would be analysed, downloaded and skipped, and the "
+                   "estimated time, from headers alone; write OUT/plan.json.")
+def audit_command(source, out, fail_on, resume, log_json, plan_only=False, **kw):
     """Audit the checkpoint SOURCE (a .safetensors file or a model folder)."""
+    if plan_only:
+        return _plan_command(source, out, kw)
     from .failon import find_matches, parse_fail_on
     from .journal import discard_journal
     from .pipeline import audit, default_out
@@ -99,6 +104,21 @@ def audit_command(source, out, fail_on, resume, log_json, **kw):
         if jlog is not None:
             jlog.end(result.summary, code)
     return code
+
+
+def _plan_command(source: str, out: Path | None, kw: dict) -> int:
+    """--plan: headers only, nothing downloaded but config.json; the table on stdout."""
+    from .options import AuditOptions
+    from .pipeline import default_out
+    from .plan_report import plan_lines, plan_source
+
+    _setup_logging(kw["debug"])
+    plan = plan_source(source, AuditOptions(**_options(kw)))
+    path = plan.write(out or default_out(source))
+    for line in plan_lines(plan):
+        click.echo(terminal(line, ONE_LINE_MAX))
+    click.echo(f"plan: {path}")
+    return EXIT_OK
 
 
 def _refuse_input(path: Path, source: str, flag: str) -> None:
