@@ -1,10 +1,11 @@
 """A data-free training monitor: audit the weight matrices of an in-memory model.
 
 The paper's early-stopping criterion (Prakash & Martin 2026) as a function you can call from a
-training loop: no files, no data. Give it a ``torch.nn.Module`` or a state dict; every 2-D
-weight matrix goes through ``analysis.analyse_matrix`` (eigenvalues at the options' precision, traps
-with a generator seeded from (seed, tensor name)). The alert fires when any matrix has a
-correlation trap, or when the mean α falls below ``alpha_floor``.
+training loop: no files, no data. Give it a ``torch.nn.Module`` (a transformers model too) or a
+state dict; every weight matrix, as ``memory.py`` finds them, goes through
+``analysis.analyse_stack`` (eigenvalues at the options' precision, traps with a generator seeded
+from (seed, tensor name)). The alert fires when any matrix has a correlation trap, or when the
+mean α falls below ``alpha_floor``.
 
     report = llm_audit.monitor_weights(model, alpha_floor=2.0)
     if report.triggered:
@@ -21,13 +22,11 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .analysis import MatrixMeta, analyse_matrix
+from .memory import analyse_weights
 from .options import AuditOptions, resolve_options
 from .records import COLUMNS, MatrixResult
-from .routing import parse_expert, parse_layer, parse_module
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,12 @@ def weight_matrices(weights: torch.nn.Module | Mapping[str, torch.Tensor],
 def monitor_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], *,
                     options: AuditOptions | None = None, alpha_floor: float | None = 2.0,
                     min_evals: int = 1, **option_fields) -> MonitorReport:
-    """Audit every 2-D weight matrix of ``weights`` (a module or a state dict) in memory.
+    """Audit every weight matrix of ``weights`` (a module or a state dict) in memory.
+
+    The rows are those a checkpoint file of the same weights gives (``memory.py``): named by
+    ``named_parameters()`` (a state dict: its keys), biases, norms and 1-D tensors left out,
+    expert stacks split one row per expert (gpt-oss's and transformers 5's fused gate_up
+    into ``.gate``/``.up``), each matrix read where it lies, one at a time.
 
     ``options`` (an AuditOptions, and/or its fields as keywords, as ``audit`` takes them) gives
     the seed, device, trap rule, finger clipping, include/exclude regexes and whether traps
@@ -80,14 +84,7 @@ def monitor_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], *,
     part of the alert.
     """
     opts = resolve_options(options, option_fields)
-    device = opts.torch_device()
-    rows = []
-    for name, W in weight_matrices(weights, min_evals).items():
-        if not opts.wants(name):
-            continue
-        meta = MatrixMeta(name=name, layer=parse_layer(name), module=parse_module(name),
-                          expert=parse_expert(name), dtype=str(W.dtype).removeprefix("torch."))
-        rows.append(analyse_matrix(W.to(device), meta, opts))
+    rows, _, _ = analyse_weights(weights, opts, min_evals=min_evals)
     return _report(tuple(rows), alpha_floor)
 
 

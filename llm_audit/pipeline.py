@@ -8,7 +8,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +57,13 @@ class AuditResult:
                              formats or FORMATS, spectra=self.spectra, traps=self.traps)
 
 
-def audit(source: str | Path, *, allow_pickle: bool = False,
+def audit(source: str | Path | torch.nn.Module | Mapping[str, torch.Tensor], *,
+          allow_pickle: bool = False,
           progress: Observer | None = None, workdir: str | Path | None = None,
           resume: bool = False, max_spectra: int = MAX_SPECTRA,
           options: AuditOptions | None = None, **option_fields) -> AuditResult:
-    """Audit a checkpoint (a .safetensors file or a model folder).
+    """Audit a checkpoint (a .safetensors file or a model folder), or in-memory weights (a
+    ``torch.nn.Module``, e.g. a transformers model, or a state dict: ``memory.py``).
 
     Options: an :class:`AuditOptions` as `options=`, and/or its fields as keywords (include,
     exclude, device, seed, randomize, trap_rule, fix_fingers, precision; keywords win).
@@ -74,6 +76,12 @@ def audit(source: str | Path, *, allow_pickle: bool = False,
     opts.torch_device()  # a bad --device fails here, before anything is read or downloaded
     if resume and workdir is None:
         raise UsageError("--resume needs the output folder of the interrupted audit")
+    if isinstance(source, torch.nn.Module | Mapping):
+        if workdir is not None:
+            raise UsageError("workdir/resume: in-memory weights have no files to journal")
+        from .memory import audit_weights
+
+        return audit_weights(source, opts, progress=progress, max_spectra=max_spectra)
     t0 = time.perf_counter()
     ckpt = resolve_source(source, opts, allow_pickle=allow_pickle)
     jobs, skipped = plan(ckpt, opts)
