@@ -41,14 +41,18 @@ PLAN_FILE = "plan.json"
 #: analysis.analyse_matrix runs (spectral.esd, the fits, the rule and its anatomy); reading and
 #: decoding are not included. Measured by `OMP_WAIT_POLICY=PASSIVE python3
 #: benchmarks/plan_cost_model.py` on this project's 2-core machine (torch 2.13 CPU, 2 threads,
-#: load average ~3.8 from other jobs), float32 Gaussian matrices 256²..2048² and 4:1 to 2:1
-#: rectangular; rms relative error 20-35% over those sizes; benchmarks/results/plan_cost_model.txt.
+#: load average ~4.9 from other jobs), float32 Gaussian matrices 256²..2048² and 4:1 to 2:1
+#: rectangular; rms relative error 14-40% over those sizes (two runs differ by up to 2x on a
+#: size: the load); benchmarks/results/plan_cost_model.txt.
+#: Real weights cost more where they have traps (their anatomy): on all-MiniLM-L6-v2 the audit's
+#: summed per-matrix seconds were 1.1-1.5x (none), 2.5-2.9x (ww), 2.7-2.8x (tw) the prediction
+#: (two runs).
 #: Not measured on a GPU: a cuda estimate is "unknown".
 CPU_COST = MappingProxyType({
-    "none": (2.848e-11, 2.751e-10, 1.786e-02),
-    "ww": (2.302e-10, 4.734e-10, 3.140e-02),
-    "tw": (2.682e-10, 1.747e-10, 4.861e-02),
-    "perm": (1.422e-09, 0.0, 1.333e-01),
+    "none": (2.672e-11, 2.931e-10, 3.047e-02),
+    "ww": (1.562e-10, 2.365e-10, 3.772e-02),
+    "tw": (2.861e-10, 6.138e-11, 1.521e-02),
+    "perm": (1.483e-09, 0.0, 1.751e-01),
 })
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -214,9 +218,10 @@ def _estimate(jobs: list[MatrixJob], device: str, rule: str) -> Estimate:
         return Estimate(None, device, rule, n, f"unknown: the cost model is measured on CPU "
                         f"only, not on {device}")
     total = sum(matrix_seconds(*job_shape(j), job_matrices(j), device, rule) for j in jobs)
-    return Estimate(total, device, rule, n, "analysis only (eigenvalues, fits, trap rule), "
-                    "from a cost model measured on a 2-core CPU (benchmarks/plan_cost_model.py);"
-                    " reading, decoding, downloads and float64 redos are not included")
+    return Estimate(total, device, rule, n, "analysis only, from a cost model of Gaussian "
+                    "matrices on a 2-core CPU (benchmarks/plan_cost_model.py); real weights with "
+                    "traps took 2.5-3x longer (all-MiniLM-L6-v2); reading, decoding, downloads "
+                    "and float64 redos not included")
 
 
 def _ignored(tensors: tuple[TensorInfo, ...], opts: AuditOptions) -> tuple[tuple[str, int], ...]:
