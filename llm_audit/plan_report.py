@@ -336,7 +336,7 @@ def plan_lines(p: AuditPlan, max_shards: int = 20) -> list[str]:
             else "-"
         secs = matrix_seconds(*shape, sum(map(job_matrices, group)), p.estimate.device,
                               p.estimate.trap_rule)
-        lines.append(f"{_cut(module, 16):<16} {dtype:<12} {shape[0]:>5}x{shape[1]:<6} "
+        lines.append(f"{_cut(module, 16):<16} {dtype:<12} {'x'.join(map(str, shape)):>12} "
                      f"{sum(map(job_matrices, group)):>8} {span:>9} "
                      f"{_size(sum(j.nbytes for j in group)):>10} "
                      f"{'?' if secs is None else f'{secs:.1f}':>9}")
