@@ -221,6 +221,7 @@ def sweep(inputs: Iterable[str | Path], out: str | Path, *, order: str = "step",
     `progress` observes each checkpoint's audit (as `audit()`'s); `on_checkpoint(entry, i, n)`
     is called after each checkpoint. A checkpoint audited before into the same subfolder with
     the same options and bytes is reused; an interrupted one resumes from its journal."""
+    from . import executors
     from .report.trend import write_trend
 
     opts = resolve_options(options, option_fields)
@@ -234,11 +235,12 @@ def sweep(inputs: Iterable[str | Path], out: str | Path, *, order: str = "step",
                              "change the input; choose another folder")
     items = order_items(paths, order, step_regex)
     entries = []
-    for i, item in enumerate(items, 1):
-        entry = _audit_one(item, out, opts, conditions, formats, allow_pickle, progress)
-        entries.append(entry)
-        if on_checkpoint is not None:
-            on_checkpoint(entry, i, len(items))
+    with executors.session(opts):  # a Ray cluster is started once for the whole sweep
+        for i, item in enumerate(items, 1):
+            entry = _audit_one(item, out, opts, conditions, formats, allow_pickle, progress)
+            entries.append(entry)
+            if on_checkpoint is not None:
+                on_checkpoint(entry, i, len(items))
     trend = trend_table([(e.item, read_layers(out / e.item.folder)) for e in entries])
     result = SweepResult(out, tuple(entries), trend, first_hits(trend, conditions),
                          conditions, fail_on is not None, opts)
