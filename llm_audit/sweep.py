@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import SourceError, UsageError
+from .errors import AuditError, SourceError, UsageError
 from .failon import Condition, find_matches, parse_fail_on
 from .options import AuditOptions, compile_filter, resolve_options
 from .records import COLUMNS
@@ -234,17 +234,71 @@ def sweep(inputs: Iterable[str | Path], out: str | Path, *, order: str = "step",
             raise UsageError(f"--out {out} is inside the checkpoint {p}; writing there would "
                              "change the input; choose another folder")
     items = order_items(paths, order, step_regex)
-    entries = []
-    with executors.session(opts):  # a Ray cluster is started once for the whole sweep
-        for i, item in enumerate(items, 1):
-            entry = _audit_one(item, out, opts, conditions, formats, allow_pickle, progress)
-            entries.append(entry)
-            if on_checkpoint is not None:
-                on_checkpoint(entry, i, len(items))
+    args = (out, opts, conditions, formats, allow_pickle)
+    if executors.parse_executor(opts.executor).kind == "processes" and len(items) > 1:
+        entries = _audit_in_processes(items, args, on_checkpoint)
+    else:
+        entries = []
+        with executors.session(opts):  # a Ray cluster is started once for the whole sweep
+            for i, item in enumerate(items, 1):
+                entries.append(_audit_one(item, *args, progress))
+                if on_checkpoint is not None:
+                    on_checkpoint(entries[-1], i, len(items))
     trend = trend_table([(e.item, read_layers(out / e.item.folder)) for e in entries])
     result = SweepResult(out, tuple(entries), trend, first_hits(trend, conditions),
                          conditions, fail_on is not None, opts)
     return dataclasses.replace(result, paths=tuple(write_trend(result, formats)))
+
+
+def _audit_in_processes(items: list[SweepItem], args: tuple,
+                        on_checkpoint: Callable | None) -> list[SweepEntry]:
+    """``--executor processes[:N]`` for a sweep: whole checkpoints on N spawned workers
+    (largest first; each worker audits its checkpoint serially with cores/N threads). A
+    checkpoint whose worker died is audited again (its journal keeps what was finished), up
+    to MAX_ATTEMPTS rounds; per-matrix progress is not shown, each finished checkpoint is."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from . import executors
+
+    out, opts, *rest = args
+    n = min(executors.parse_executor(opts.executor).workers or os.cpu_count() or 1, len(items))
+    inner = dataclasses.replace(opts, executor="serial")
+    done: dict[SweepItem, SweepEntry] = {}
+    for _ in range(executors.MAX_ATTEMPTS):
+        todo = sorted((it for it in items if it not in done), key=lambda it: -_nbytes(it.path))
+        if not todo:
+            break
+        try:
+            with ProcessPoolExecutor(min(n, len(todo)),
+                                     mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_threads,
+                                     initargs=(max(1, (os.cpu_count() or 1) // n),)) as pool:
+                futs = {pool.submit(_audit_one, it, out, inner, *rest, None): it for it in todo}
+                for f in as_completed(futs):
+                    done[futs[f]] = f.result()
+                    if on_checkpoint is not None:
+                        on_checkpoint(done[futs[f]], len(done), len(items))
+        except BrokenProcessPool:
+            log.warning("a sweep worker died; its checkpoints are audited again (resumed)")
+    missing = [str(it.path) for it in items if it not in done]
+    if missing:
+        raise AuditError(f"sweep workers died {executors.MAX_ATTEMPTS} times auditing "
+                         f"{', '.join(missing)}; run the sweep again (it resumes) or use "
+                         "--executor serial")
+    return [done[it] for it in items]
+
+
+def _init_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _nbytes(path: Path) -> int:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files)
 
 
 def _audit_one(item: SweepItem, out: Path, opts: AuditOptions,

@@ -316,3 +316,13 @@ def test_cli(swept, run_dir, monkeypatch, capsys, tmp_path):
 
 def test_item_name():
     assert SweepItem(Path("/r/step_5.safetensors"), 5, "step_5").name == "step_5.safetensors"
+
+
+def test_sweep_in_processes_equals_serial(run_dir, swept, tmp_path):
+    """--executor processes:2 audits whole checkpoints on two workers: same trend."""
+    par = sweep([run_dir], tmp_path / "par", device="cpu", executor="processes:2")
+    assert tuple(e.item.step for e in par.entries) == STEPS
+    timing = [c for c in TREND_COLUMNS if c.endswith("seconds")]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(par.out / "trend.csv").drop(columns=timing),
+        pd.read_csv(swept.out / "trend.csv").drop(columns=timing))
