@@ -21,6 +21,7 @@ from . import detect, spectral
 from .errors import SpectralError
 from .mp import mp_fit
 from .options import AuditOptions
+from .precision import name as precision_name
 from .records import MatrixResult
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,11 @@ def _analyse_checked(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOption
 def _analyse_batch(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOptions,
                    key: str) -> list[MatrixResult]:
     B, clock = len(metas), _Clock(W.device)
-    dtype = opts.eig_dtype()
+    dtype = opts.policy().first()
     try:
         evals = spectral.esd(W, dtype=dtype)  # (B, M), float64
     except torch.linalg.LinAlgError:  # float32 eigensolver did not converge: float64 decides
-        if dtype == torch.float64 or opts.precision != "auto":
+        if not opts.policy().redo(dtype, True):
             raise
         evals = spectral.esd(W)
     t_eig = clock.lap()
@@ -132,7 +133,7 @@ def _add_traps(W: torch.Tensor, evals: torch.Tensor, metas: list[MatrixMeta],
             generator=matrix_generator(opts.seed, key),
             generators=[matrix_generator(opts.seed, metas[b].name) for b in idx],
             moments=[(fields[b]["entry_mean"], fields[b]["entry_var"]) for b in idx],
-            dtype=getattr(torch, prec))
+            dtype=getattr(torch, prec), policy=opts.policy())
         for b, tr in zip(idx, traps, strict=True):
             an = tr.anatomy
             fields[b].update(rand_num_spikes=tr.num_traps, max_rand_eval=tr.max_rand_eval,
@@ -141,7 +142,8 @@ def _add_traps(W: torch.Tensor, evals: torch.Tensor, metas: list[MatrixMeta],
                              traps_mean=an.count("mean"), traps_entries=an.count("entries"),
                              traps_tail=an.count("tail"), trap_entries=an.trap_entries,
                              trap_rows=an.trap_rows, trap_cols=an.trap_cols,
-                             traps=an.traps, outliers=an.outliers)
+                             traps=an.traps, outliers=an.outliers,
+                             trap_precision=tr.precision)
 
 
 def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,
@@ -150,12 +152,12 @@ def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,
     'auto', a float32 spectrum whose xmin choice or spike count round-off could change is
     recomputed in float64 (returned along with the fields)."""
     N, M = max(W.shape), min(W.shape)
-    prec = opts.eig_dtype()
+    prec = opts.policy().first()
     round_off = spectral.FLOAT32_ROUND_OFF if prec == torch.float32 else 0.0
     fit = spectral.fit_power_law(evals, fix_fingers=opts.fix_fingers, round_off=round_off)
     mp = mp_fit(evals, N, M)
     full_rank = False  # float32 read rank-deficient, float64 Cholesky says full rank
-    if opts.precision == "auto":
+    if opts.policy().redo(prec, True):  # auto, float32 spectrum: may float32 decide it?
         decided = _float32_decided(evals, fit, mp.threshold, opts, name)
         if decided and spectral.spectral_norms(evals).rank < evals.numel():
             # float32 cannot tell an eigenvalue below the rank threshold from round-off of
@@ -176,7 +178,7 @@ def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,
         entropy=norms.entropy, matrix_rank=norms.rank,
         num_spikes=mp.num_spikes, sigma_mp=mp.sigma_mp, bulk_max=mp.bulk_max,
         warning=detect.warning_for(fit), status="ok" if fit.ok else "failed",  # norms still kept
-        precision=str(prec).removeprefix("torch."),
+        precision=precision_name(prec),
     )
     out.update(_confounds(W))
     return evals, out

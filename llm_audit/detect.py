@@ -16,12 +16,14 @@ import torch
 
 from . import anatomy, rsvd, spectral
 from .anatomy import Anatomy
+from .precision import PrecisionPolicy
 from .spectral import PowerLawFit
 
 WW_SMALL_M = 100  # WeightWatcher pools 5 shuffles when M < 100
 WW_SMALL_REPS = 5
 TW_TOP_K = 16
 DEVICE_PERM_NUMEL = 1 << 24
+AUTO = PrecisionPolicy("auto")
 RSVD_MIN_M = 1024  # below this, exact eigenvalues of the shuffled Gram matrix are cheaper
 
 
@@ -35,6 +37,7 @@ class TrapResult:
     distance: float  # rand_distance: Jensen–Shannon distance of sorted ESDs (ww rule only)
     trap_evals: tuple[float, ...]  # the trap eigenvalues, largest first
     anatomy: Anatomy = anatomy.NO_TRAPS  # what each trap is made of (anatomy.py)
+    precision: str = "float64"  # trap_precision: what the count was decided in
 
 
 def shuffle(W: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -68,28 +71,31 @@ def apply_permutation(W: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def correlation_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str,
-                      generator: torch.Generator, dtype: torch.dtype = torch.float64
-                      ) -> TrapResult:
+                      generator: torch.Generator, dtype: torch.dtype = torch.float64,
+                      policy: PrecisionPolicy = AUTO) -> TrapResult:
     """Count correlation traps of W (rows, cols); `evals` is W's own ESD (for rand_distance)."""
     mean, var = spectral.entry_moments(W)
     return stack_traps(W[None], evals[None], rule=rule, generator=generator,
-                       generators=(generator,), moments=((mean, var),), dtype=dtype)[0]
+                       generators=(generator,), moments=((mean, var),), dtype=dtype,
+                       policy=policy)[0]
 
 
 def stack_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str, generator: torch.Generator,
                 generators: Sequence[torch.Generator],
                 moments: Sequence[tuple[float, float]],
-                dtype: torch.dtype = torch.float64) -> list[TrapResult]:
+                dtype: torch.dtype = torch.float64,
+                policy: PrecisionPolicy = AUTO) -> list[TrapResult]:
     """Traps of B equal-shaped matrices W (B, rows, cols) at once. `evals` (B, M): their ESDs;
     `generator` draws the shuffle shared by the stack, `generators[b]` matrix b's sketches;
-    `moments[b]` = (mean, variance) of matrix b's entries; `dtype`: the eigen precision (a
-    float32 count that lands within round-off of its threshold is redone in float64)."""
+    `moments[b]` = (mean, variance) of matrix b's entries; `dtype`: the eigen precision;
+    `policy` decides whether a float32 count within round-off of its threshold is redone in
+    float64 (``auto`` only)."""
     from .rules import RULES  # the registry; its rules use this module's helpers
 
     if rule not in RULES:
         raise ValueError(f"unknown trap rule {rule!r}")
     return RULES[rule].traps(W, evals, generator=generator, generators=generators,
-                             moments=moments, dtype=dtype)
+                             moments=moments, dtype=dtype, policy=policy)
 
 
 def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int, threshold: float,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
+from .precision import MODES as PRECISION_MODES
+from .precision import PrecisionPolicy
 from .rules import RULES
 from .safetext import clip
 
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
 
 TRAP_RULES = tuple(RULES)
 FIX_FINGERS = ("none", "clip_xmax")
-PRECISIONS = ("auto", "float32", "float64")
+PRECISIONS = PRECISION_MODES
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -74,11 +76,14 @@ class AuditOptions:
             return False
         return not (self.exclude is not None and compile_filter(self.exclude).search(name))
 
+    def policy(self) -> PrecisionPolicy:
+        """The precision policy of ``--precision`` (precision.py): every change of precision
+        is decided there."""
+        return PrecisionPolicy(self.precision)
+
     def eig_dtype(self) -> torch.dtype:
         """The precision eigenvalues are first computed in."""
-        import torch
-
-        return torch.float64 if self.precision == "float64" else torch.float32
+        return self.policy().first()
 
     def torch_device(self) -> torch.device:
         import torch

@@ -71,6 +71,7 @@ class MatrixResult:
     warning: str = ""  # over-trained | under-trained | failed: <reason> | non-finite ... | ""
     status: str = "ok"  # ok | failed
     precision: str = ""  # float32 | float64: the precision the eigenvalues were computed in
+    trap_precision: str = ""  # float32 | float64: the precision the trap count was decided in
     # cost, in seconds; a stack's shared work (reading, one batched eigensolve) split evenly
     seconds: float = NAN  # analysis of this matrix (eigen + fit + traps)
     read_seconds: float = NAN  # reading its bytes (background thread)

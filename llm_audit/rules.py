@@ -19,10 +19,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .precision import name as precision_name
+
 if TYPE_CHECKING:  # for annotations only: torch loads when a rule runs
     import torch
 
     from .detect import TrapResult
+    from .precision import PrecisionPolicy
 
 PERM_SHUFFLES = 8
 
@@ -33,7 +36,8 @@ class TrapRule:
     help: str
     removes_mean: bool  # the shuffled matrix is centred first (no `mean` traps)
     fills: tuple[str, ...]  # rule-specific columns it fills (others stay empty)
-    traps: Callable[..., list[TrapResult]]  # (W, evals, *, generator, generators, moments, dtype)
+    # (W, evals, *, generator, generators, moments, dtype, policy)
+    traps: Callable[..., list[TrapResult]]
     shuffled_esd: Callable[..., list[float]]  # (W, generator) -> the ESD its figure draws
 
 
@@ -46,7 +50,7 @@ def _imports():
 
 def _ww_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generator,
               generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
-              dtype: torch.dtype) -> list[TrapResult]:
+              dtype: torch.dtype, policy: PrecisionPolicy) -> list[TrapResult]:
     """WeightWatcher's rule: MP fit of the shuffled ESD, traps above bulk_max + √s_TW."""
     torch, detect, mp, rsvd, spectral = _imports()
     N, M = max(W.shape[-2:]), min(W.shape[-2:])
@@ -58,16 +62,18 @@ def _ww_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
     for b in range(W.shape[0]):
         pooled = torch.cat([e[b] for e in esds])
         fit = mp.mp_fit(pooled, N, M)
-        if dtype != torch.float64 and detect.near(pooled, fit.threshold, detect.eig_err(pooled)):
+        decided_in = dtype
+        if policy.redo(dtype, detect.near(pooled, fit.threshold, detect.eig_err(pooled))):
             pooled = torch.cat([spectral.esd(S[b]) for S in shuffled])  # exact in float64
             fit = mp.mp_fit(pooled, N, M)
+            decided_in = torch.float64
         lam = pooled.cpu().numpy()
         traps = tuple(sorted((float(v) for v in lam[lam > fit.threshold]), reverse=True))
         out.append(detect.TrapResult(num_traps=fit.num_spikes, max_rand_eval=fit.max_eval,
                               bulk_max=fit.bulk_max, sigma_mp=fit.sigma_mp,
                               threshold=fit.threshold,
                               distance=detect.js_distance(evals[b], pooled[:M]),
-                              trap_evals=traps,
+                              trap_evals=traps, precision=precision_name(decided_in),
                               anatomy=detect.trap_anatomy(W[b], perms, fit.num_spikes,
                                                           fit.threshold, generators[b],
                                                           moments[b], remove_mean=False)))
@@ -76,7 +82,7 @@ def _ww_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
 
 def _tw_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generator,
               generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
-              dtype: torch.dtype) -> list[TrapResult]:
+              dtype: torch.dtype, policy: PrecisionPolicy) -> list[TrapResult]:
     """Tracy–Widom rule: exact MP edge from the entries' variance (known for a shuffled matrix),
     traps above the TW₁ 99.9% quantile; the mean is removed first (its rank-1 spike is reported
     separately as `mean_spike`). Only the top of the spectrum is needed: for M >= RSVD_MIN_M a
@@ -102,12 +108,15 @@ def _tw_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
             top = detect.top_above(S[b], threshold, generators[b], dtype, k=2 * detect.TW_TOP_K)
         else:
             top = first[b]
-        if dtype != torch.float64 and detect.near(top, threshold, detect.eig_err(top)):
+        decided_in = dtype
+        if policy.redo(dtype, detect.near(top, threshold, detect.eig_err(top))):
             top = detect.top_above(S[b], threshold, generators[b], torch.float64)
+            decided_in = torch.float64
         traps = tuple(float(v) for v in top if float(v) > threshold)
         out.append(detect.TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]),
                               bulk_max=edge, sigma_mp=math.nan, threshold=threshold,
                               distance=math.nan, trap_evals=traps,
+                              precision=precision_name(decided_in),
                               anatomy=detect.trap_anatomy(W[b], [perm], len(traps), threshold,
                                                generators[b], moments[b], remove_mean=True)))
     return out
@@ -115,12 +124,12 @@ def _tw_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
 
 def _perm_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generator,
                 generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
-                dtype: torch.dtype) -> list[TrapResult]:
+                dtype: torch.dtype, policy: PrecisionPolicy) -> list[TrapResult]:
     """The ``tw`` rule over PERM_SHUFFLES independent shuffles (drawn one after the other
     from `generator`): each matrix's count is the lower median of its counts; its other
     results (trap eigenvalues, anatomy) are those of the first shuffle with that count."""
     runs = [_tw_traps(W, evals, generator=generator, generators=generators, moments=moments,
-                      dtype=dtype) for _ in range(PERM_SHUFFLES)]
+                      dtype=dtype, policy=policy) for _ in range(PERM_SHUFFLES)]
     out = []
     for b in range(W.shape[0]):
         counts = [r[b].num_traps for r in runs]

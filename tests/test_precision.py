@@ -174,3 +174,19 @@ def test_square_matrix_float32_rank_reading_is_settled_by_cholesky(tmp_path):
     assert auto.matrix_rank.to_dict() == f64.matrix_rank.to_dict() == {"a.weight": 256,
                                                                        "b.weight": 100}
     assert auto.entropy["a.weight"] == pytest.approx(f64.entropy["a.weight"], rel=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["ww", "tw"])
+def test_trap_precision_follows_the_policy_and_shows_in_the_row(small, monkeypatch, rule):
+    """With every trap count 'within round-off of its threshold', auto redoes it in float64,
+    float32 never does (float32 means float32), float64 is float64 throughout; the row's
+    `trap_precision` says which."""
+    from llm_audit import detect
+
+    monkeypatch.setattr(detect, "near", lambda *a, **k: True)
+    got = {p: set(llm_audit.audit(small, precision=p, trap_rule=rule, max_spectra=0)
+                  .details.trap_precision) for p in ("auto", "float32", "float64")}
+    assert got == {"auto": {"float64"}, "float32": {"float32"}, "float64": {"float64"}}
+    monkeypatch.undo()
+    assert set(llm_audit.audit(small, trap_rule=rule, max_spectra=0)
+               .details.trap_precision) == {"float32"}  # decided in float32 when not near
