@@ -28,7 +28,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    as_completed,
+    wait,
+)
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -189,12 +195,7 @@ def run_ray(jobs: list[MatrixJob], opts: AuditOptions, device: torch.device,
     """The ``ray[:ADDRESS]`` executor: one Ray task per unit (one CPU, or one GPU with
     ``--device cuda``), retried by Ray when its worker dies (``max_retries``), at most
     IN_FLIGHT_PER_WORKER per worker slot of the cluster in flight."""
-    ray = _import_ray()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=spec.address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    try:
+    with _connected(spec.address) as ray:
         gpu = device.type == "cuda"
         task = ray.remote(num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
                           max_retries=MAX_ATTEMPTS - 1)(analyse_unit)
@@ -214,9 +215,6 @@ def run_ray(jobs: list[MatrixJob], opts: AuditOptions, device: torch.device,
                     yield from _give_up(u, jobs, f"Ray task failed: {str(e).splitlines()[0]}")
                     continue
                 yield from ((u.indices[local], rows) for local, rows in got)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _import_ray():
@@ -235,13 +233,47 @@ def session(opts: AuditOptions) -> Iterator[None]:
     if spec.kind != "ray":
         yield
         return
+    with _connected(spec.address):
+        yield
+
+
+@contextlib.contextmanager
+def _connected(address: str | None):
+    """Ray, initialised for the block (cluster at `address`, or a local one) unless it already
+    is (then left as it was)."""
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=spec.address, include_dashboard=False, log_to_driver=False,
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     try:
-        yield
+        yield ray
     finally:
         if started:
             ray.shutdown()
+
+
+def map_in_processes(fn: Callable, items: list, n: int,
+                     size: Callable[[object], int]) -> Iterator[tuple[object, object]]:
+    """(item, fn(item)) for each item, on n spawned workers (cores/n threads each), largest
+    `size` first, as they finish. When a worker dies the pool breaks: the unfinished items
+    are run again on a new pool, up to MAX_ATTEMPTS rounds; then AuditError."""
+    done: set[int] = set()
+    for _ in range(MAX_ATTEMPTS):
+        todo = sorted((i for i in range(len(items)) if i not in done),
+                      key=lambda i: -size(items[i]))
+        if not todo:
+            return
+        pool = _pool(min(n, len(todo)), [None] * n, max(1, (os.cpu_count() or 1) // n))
+        try:
+            futs = {pool.submit(fn, items[i]): i for i in todo}
+            for f in as_completed(futs):
+                done.add(futs[f])
+                yield items[futs[f]], f.result()
+        except BrokenProcessPool:
+            log.warning("a worker process died; its items are run again")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if len(done) < len(items):
+        raise AuditError(f"worker processes died {MAX_ATTEMPTS} times running "
+                         f"{', '.join(str(items[i]) for i in range(len(items)) if i not in done)}")

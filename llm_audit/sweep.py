@@ -252,48 +252,32 @@ def sweep(inputs: Iterable[str | Path], out: str | Path, *, order: str = "step",
 
 def _audit_in_processes(items: list[SweepItem], args: tuple,
                         on_checkpoint: Callable | None) -> list[SweepEntry]:
-    """``--executor processes[:N]`` for a sweep: whole checkpoints on N spawned workers
-    (largest first; each worker audits its checkpoint serially with cores/N threads). A
-    checkpoint whose worker died is audited again (its journal keeps what was finished), up
-    to MAX_ATTEMPTS rounds; per-matrix progress is not shown, each finished checkpoint is."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
+    """``--executor processes[:N]`` for a sweep: whole checkpoints on N workers, largest first,
+    each audited serially by its worker (`executors.map_in_processes`; a checkpoint whose
+    worker died is audited again, resuming its journal). Per-matrix progress is not shown."""
+    import functools
 
     from . import executors
 
     out, opts, *rest = args
     n = min(executors.parse_executor(opts.executor).workers or os.cpu_count() or 1, len(items))
     inner = dataclasses.replace(opts, executor="serial")
+    one = functools.partial(_audit_item, out=out, opts=inner, rest=tuple(rest))
     done: dict[SweepItem, SweepEntry] = {}
-    for _ in range(executors.MAX_ATTEMPTS):
-        todo = sorted((it for it in items if it not in done), key=lambda it: -_nbytes(it.path))
-        if not todo:
-            break
-        try:
-            with ProcessPoolExecutor(min(n, len(todo)),
-                                     mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_init_threads,
-                                     initargs=(max(1, (os.cpu_count() or 1) // n),)) as pool:
-                futs = {pool.submit(_audit_one, it, out, inner, *rest, None): it for it in todo}
-                for f in as_completed(futs):
-                    done[futs[f]] = f.result()
-                    if on_checkpoint is not None:
-                        on_checkpoint(done[futs[f]], len(done), len(items))
-        except BrokenProcessPool:
-            log.warning("a sweep worker died; its checkpoints are audited again (resumed)")
-    missing = [str(it.path) for it in items if it not in done]
-    if missing:
-        raise AuditError(f"sweep workers died {executors.MAX_ATTEMPTS} times auditing "
-                         f"{', '.join(missing)}; run the sweep again (it resumes) or use "
-                         "--executor serial")
+    try:
+        for item, entry in executors.map_in_processes(one, items, n,
+                                                      lambda it: _nbytes(it.path)):
+            done[item] = entry
+            if on_checkpoint is not None:
+                on_checkpoint(entry, len(done), len(items))
+    except AuditError as e:
+        raise AuditError(f"sweep: {e}; run the sweep again (it resumes) or use --executor "
+                         "serial") from e
     return [done[it] for it in items]
 
 
-def _init_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+def _audit_item(item: SweepItem, *, out: Path, opts: AuditOptions, rest: tuple) -> SweepEntry:
+    return _audit_one(item, out, opts, *rest, None)
 
 
 def _nbytes(path: Path) -> int:
