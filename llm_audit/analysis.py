@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,24 @@ class MatrixMeta:
     expert: int | None
     dtype: str
     hf_module: str = ""  # empty: the row's hf_module is `module`
+
+
+@dataclass(frozen=True)
+class MatrixAccess:
+    """What the spectral fields need of a matrix besides its eigenvalues: a decoded tensor
+    (`dense_access`) or one streamed in row chunks (streaming.py)."""
+
+    N: int
+    M: int
+    esd64: Callable[[], torch.Tensor]  # the ESD in float64 (a float32 spectrum redone)
+    full_rank: Callable[[float], bool]  # spectral.full_rank given λ_max
+    confounds: Callable[[], dict]  # entry statistics (`_confounds`)
+
+
+def dense_access(W: torch.Tensor) -> MatrixAccess:
+    return MatrixAccess(N=max(W.shape), M=min(W.shape), esd64=lambda: spectral.esd(W),
+                        full_rank=lambda lmax: spectral.full_rank(W, lmax),
+                        confounds=lambda: _confounds(W))
 
 
 def matrix_generator(seed: int, name: str) -> torch.Generator:
@@ -105,7 +123,7 @@ def _analyse_batch(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOptions,
     t_eig = clock.lap()
     fields = []
     for b in range(B):
-        ev, out = _spectral_fields(W[b], evals[b], opts, metas[b].name)
+        ev, out = spectral_fields(dense_access(W[b]), evals[b], opts, metas[b].name)
         evals[b] = ev
         fields.append(out)
     t_fit = clock.lap()
@@ -135,23 +153,27 @@ def _add_traps(W: torch.Tensor, evals: torch.Tensor, metas: list[MatrixMeta],
             moments=[(fields[b]["entry_mean"], fields[b]["entry_var"]) for b in idx],
             dtype=getattr(torch, prec), policy=opts.policy())
         for b, tr in zip(idx, traps, strict=True):
-            an = tr.anatomy
-            fields[b].update(rand_num_spikes=tr.num_traps, max_rand_eval=tr.max_rand_eval,
-                             rand_bulk_max=tr.bulk_max, rand_sigma_mp=tr.sigma_mp,
-                             rand_distance=tr.distance, trap_threshold=tr.threshold,
-                             traps_mean=an.count("mean"), traps_entries=an.count("entries"),
-                             traps_tail=an.count("tail"), trap_entries=an.trap_entries,
-                             trap_rows=an.trap_rows, trap_cols=an.trap_cols,
-                             traps=an.traps, outliers=an.outliers,
-                             trap_precision=tr.precision)
+            fields[b].update(trap_fields(tr))
 
 
-def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,
-                     name: str) -> tuple[torch.Tensor, dict]:
+def trap_fields(tr: detect.TrapResult) -> dict:
+    """The result columns a trap count fills."""
+    an = tr.anatomy
+    return dict(rand_num_spikes=tr.num_traps, max_rand_eval=tr.max_rand_eval,
+                rand_bulk_max=tr.bulk_max, rand_sigma_mp=tr.sigma_mp,
+                rand_distance=tr.distance, trap_threshold=tr.threshold,
+                traps_mean=an.count("mean"), traps_entries=an.count("entries"),
+                traps_tail=an.count("tail"), trap_entries=an.trap_entries,
+                trap_rows=an.trap_rows, trap_cols=an.trap_cols,
+                traps=an.traps, outliers=an.outliers, trap_precision=tr.precision)
+
+
+def spectral_fields(m: MatrixAccess, evals: torch.Tensor, opts: AuditOptions,
+                    name: str) -> tuple[torch.Tensor, dict]:
     """Fit, norms, MP fit and confounds of one matrix from its eigenvalues. With precision
     'auto', a float32 spectrum whose xmin choice or spike count round-off could change is
     recomputed in float64 (returned along with the fields)."""
-    N, M = max(W.shape), min(W.shape)
+    N, M = m.N, m.M
     prec = opts.policy().first()
     round_off = spectral.FLOAT32_ROUND_OFF if prec == torch.float32 else 0.0
     fit = spectral.fit_power_law(evals, fix_fingers=opts.fix_fingers, round_off=round_off)
@@ -162,10 +184,10 @@ def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,
         if decided and spectral.spectral_norms(evals).rank < evals.numel():
             # float32 cannot tell an eigenvalue below the rank threshold from round-off of
             # either sign; a float64 Cholesky decides full rank at a third of a redo's cost
-            decided = full_rank = spectral.full_rank(W, float(evals.max()))
+            decided = full_rank = m.full_rank(float(evals.max()))
         if not decided:
             prec = torch.float64
-            evals = spectral.esd(W)
+            evals = m.esd64()
             fit = spectral.fit_power_law(evals, fix_fingers=opts.fix_fingers)
             mp = mp_fit(evals, N, M)
     norms = spectral.spectral_norms(evals, full_rank=full_rank)
@@ -180,7 +202,7 @@ def _spectral_fields(W: torch.Tensor, evals: torch.Tensor, opts: AuditOptions,
         warning=detect.warning_for(fit), status="ok" if fit.ok else "failed",  # norms still kept
         precision=precision_name(prec),
     )
-    out.update(_confounds(W))
+    out.update(m.confounds())
     return evals, out
 
 
@@ -228,17 +250,25 @@ def _check_analysable(W: torch.Tensor) -> None:
 
 def _confounds(W: torch.Tensor) -> dict:
     """Entry statistics that can fake a trap: a non-zero mean, a single huge entry."""
-    n = W.numel()
     mean, var = spectral.entry_moments(W)
-    std = math.sqrt(var * n / max(n - 1, 1))  # unbiased, as torch.std
     lo, hi = (float(x) for x in torch.aminmax(W))
+    return confounds(W.numel(), mean, var, lo, hi)
+
+
+def confounds(n: int, mean: float, var: float, lo: float, hi: float) -> dict:
+    """`_confounds` from n entries' mean, population variance, min and max."""
+    std = math.sqrt(var * n / max(n - 1, 1))  # unbiased, as torch.std
     return dict(entry_mean=mean, entry_std=std, entry_var=var, mean_spike=mean * mean * n,
                 max_abs_w_over_std=max(-lo, hi) / std if std > 0 else math.inf)
 
 
 def _base(W: torch.Tensor, meta: MatrixMeta) -> dict:
+    return base_fields(tuple(W.shape), meta)
+
+
+def base_fields(shape: tuple[int, ...], meta: MatrixMeta) -> dict:
     return dict(name=meta.name, layer=meta.layer, module=meta.module, expert=meta.expert,
-                N=max(W.shape), M=min(W.shape), dtype=meta.dtype, hf_module=meta.hf_module)
+                N=max(shape), M=min(shape), dtype=meta.dtype, hf_module=meta.hf_module)
 
 
 def _failed(W: torch.Tensor, meta: MatrixMeta, warning: str, seconds: float) -> MatrixResult:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import streaming
 from .analysis import MatrixMeta, analyse_stack
 from .decode import DecodedMatrix
 from .errors import AuditError
@@ -39,9 +40,14 @@ def analyse_jobs(jobs: list[MatrixJob], opts: AuditOptions, device: torch.device
     ahead in a background thread, experts of one tensor (or of one per-expert tensor
     pattern) moved next to each other and analysed in batches of up to BATCH_BYTES of
     float32 matrices. The executor seam: another one (processes, a cluster) yields the same
-    pairs; results do not depend on which (shuffles are seeded per matrix or stack)."""
+    pairs; results do not depend on which (shuffles are seeded per matrix or stack). Dense
+    matrices too large to decode whole are analysed first, in row chunks (streaming.py)."""
     device = opts.torch_device() if device is None else device
-    order = grouped(jobs)  # order[p]: the index of the p-th job decoded
+    whole = [i for i, j in enumerate(jobs) if not streaming.streams(j)]
+    for i in (i for i, j in enumerate(jobs) if streaming.streams(j)):  # never decoded whole
+        yield i, (streaming.analyse_job(jobs[i], opts, device),)
+    # order[p]: the index of the p-th job decoded
+    order = [whole[k] for k in grouped([jobs[i] for i in whole])]
     limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])
     ahead = PREFETCH_BYTES.get(device.type, PREFETCH_BYTES["cpu"])
     done = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import __version__
+from . import __version__, streaming
 from .anatomy import TRAP_CLASSES
 from .batching import shuffle_key
 from .decode import TensorReader, decode
@@ -215,6 +215,10 @@ def collect_spectra(jobs: list[MatrixJob], details: pd.DataFrame, opts: AuditOpt
                        for n in wanted):
                 continue
             try:
+                if streaming.streams(job):  # never decoded whole
+                    found[job.name] = streaming.spectra(job, rows[job.name], wanted[job.name],
+                                                        opts, device, traps)
+                    continue
                 for m in decode(job, reader, device):
                     name = m.name
                     if name in wanted:

@@ -39,6 +39,10 @@ class TrapRule:
     # (W, evals, *, generator, generators, moments, dtype, policy)
     traps: Callable[..., list[TrapResult]]
     shuffled_esd: Callable[..., list[float]]  # (W, generator) -> the ESD its figure draws
+    # from whole shuffled spectra (a streamed matrix, streaming.py): how many shuffles for M
+    # eigenvalues, and (esds, evals, N, M, (mean, var), precision) -> TrapResult (no anatomy)
+    shuffles: Callable[[int], int] = lambda M: 1
+    count_esd: Callable[..., TrapResult] | None = None
 
 
 def _imports():
@@ -138,6 +142,45 @@ def _perm_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Genera
     return out
 
 
+def _ww_shuffles(M: int) -> int:
+    from . import detect
+    return detect.WW_SMALL_REPS if M < detect.WW_SMALL_M else 1
+
+
+def _ww_count(esds: Sequence[torch.Tensor], evals: torch.Tensor, N: int, M: int,
+              moments: tuple[float, float], precision: str) -> TrapResult:
+    """`_ww_traps` on given shuffled ESDs (ascending, mean kept): pooled, MP-fitted."""
+    torch, detect, mp, _, _ = _imports()
+    pooled = torch.cat([e.double() for e in esds])
+    fit = mp.mp_fit(pooled, N, M)
+    lam = pooled.cpu().numpy()
+    traps = tuple(sorted((float(v) for v in lam[lam > fit.threshold]), reverse=True))
+    return detect.TrapResult(num_traps=fit.num_spikes, max_rand_eval=fit.max_eval,
+                             bulk_max=fit.bulk_max, sigma_mp=fit.sigma_mp,
+                             threshold=fit.threshold, distance=detect.js_distance(evals, esds[0]),
+                             trap_evals=traps, precision=precision)
+
+
+def _tw_count(esds: Sequence[torch.Tensor], evals: torch.Tensor, N: int, M: int,
+              moments: tuple[float, float], precision: str) -> TrapResult:
+    """`_tw_traps` on a given shuffled ESD of the centred matrix (one shuffle)."""
+    torch, detect, mp, _, _ = _imports()
+    edge, threshold = mp.tw_edge(moments[1], N, M)
+    top = torch.sort(esds[0].double(), descending=True).values
+    traps = tuple(float(v) for v in top if float(v) > threshold)
+    return detect.TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]), bulk_max=edge,
+                             sigma_mp=math.nan, threshold=threshold, distance=math.nan,
+                             trap_evals=traps, precision=precision)
+
+
+def _perm_count(esds: Sequence[torch.Tensor], evals: torch.Tensor, N: int, M: int,
+                moments: tuple[float, float], precision: str) -> TrapResult:
+    """`_perm_traps` on PERM_SHUFFLES given shuffled ESDs: the lower median count."""
+    runs = [_tw_count([e], evals, N, M, moments, precision) for e in esds]
+    counts = [r.num_traps for r in runs]
+    return runs[counts.index(statistics.median_low(counts))]
+
+
 def _ww_esd(W: torch.Tensor, generator: torch.Generator) -> list[float]:
     torch, detect, _, _, spectral = _imports()
     reps = detect.WW_SMALL_REPS if min(W.shape) < detect.WW_SMALL_M else 1
@@ -153,11 +196,14 @@ def _tw_esd(W: torch.Tensor, generator: torch.Generator) -> list[float]:
 
 RULES: dict[str, TrapRule] = {r.name: r for r in (
     TrapRule("ww", "WeightWatcher's rule (counts agree with it)", removes_mean=False,
-             fills=("rand_sigma_mp", "rand_distance"), traps=_ww_traps, shuffled_esd=_ww_esd),
+             fills=("rand_sigma_mp", "rand_distance"), traps=_ww_traps, shuffled_esd=_ww_esd,
+             shuffles=_ww_shuffles, count_esd=_ww_count),
     TrapRule("tw", "Tracy-Widom 99.9% above the exact MP edge, mean removed",
-             removes_mean=True, fills=(), traps=_tw_traps, shuffled_esd=_tw_esd),
+             removes_mean=True, fills=(), traps=_tw_traps, shuffled_esd=_tw_esd,
+             count_esd=_tw_count),
     TrapRule("perm", f"the tw count, median over {PERM_SHUFFLES} shuffles", removes_mean=True,
-             fills=(), traps=_perm_traps, shuffled_esd=_tw_esd),
+             fills=(), traps=_perm_traps, shuffled_esd=_tw_esd,
+             shuffles=lambda M: PERM_SHUFFLES, count_esd=_perm_count),
 )}
 
 

@@ -66,19 +66,25 @@ def compute_spectra(W: torch.Tensor, row: pd.Series, reason: str, opts: AuditOpt
                     ) -> Spectra:
     """The ESD and shuffled ESD of W, and the row's fitted marks; empty spectra if W is not
     finite (a failed matrix). `traps`: this matrix's rows of traps.csv (classes, entries)."""
-    N, M = max(W.shape), min(W.shape)
     evals: tuple[float, ...] = ()
     rand: tuple[float, ...] = ()
     if bool(torch.isfinite(W).all()) and bool((W != 0).any()):
         evals = tuple(spectral.esd(W).cpu().tolist())
         if opts.randomize:
             rand = tuple(_shuffled_esd(W, shuffle_key or str(row["name"]), opts))
+    return spectra_record(evals, rand, tuple(W.shape), row, reason, traps)
+
+
+def spectra_record(evals: tuple[float, ...], rand: tuple[float, ...], shape: tuple[int, ...],
+                   row: pd.Series, reason: str, traps: pd.DataFrame | None) -> Spectra:
+    """A `Spectra` from given ESDs (ascending) and the matrix's result row."""
+    N, M = max(shape), min(shape)
     return Spectra(name=str(row["name"]), N=N, M=M, reason=reason, evals=evals, rand_evals=rand,
                    alpha=_f(row["alpha"]), xmin=_f(row["xmin"]),
                    num_pl_spikes=int(row["num_pl_spikes"]),
                    rand_bulk_max=_f(row["rand_bulk_max"]),
                    trap_threshold=_f(row["trap_threshold"]),
-                   rand_num_spikes=int(row["rand_num_spikes"]), shape=tuple(W.shape),
+                   rand_num_spikes=int(row["rand_num_spikes"]), shape=shape,
                    **_trap_marks(traps))
 
 
