@@ -532,7 +532,7 @@ def report(args, shape: dict, mach: dict, gen_info: dict, resident, res, observe
         rows = [r.as_row() if isinstance(r, MatrixResult) else dict(r) for r in observer.rows]
         df, summary = pd.DataFrame(rows), {}
     else:
-        df, summary = res.details, res.summary
+        df, summary = res.details, res.summary.as_dict()
     full = shape == SHAPE_20B
     nbytes = int(summary.get("bytes") or 0) if not partial else observer.bytes_done
     n = len(df)

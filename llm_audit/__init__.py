@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AuditError": "errors", "AuditOptions": "options", "AuditResult": "pipeline",
+    "AuditSummary": "summary",
     "audit": "pipeline", "MatrixResult": "records", "MonitorReport": "monitor",
     "monitor_weights": "monitor", "repair": "trap_repair", "repair_weights": "trap_repair",
 }

@@ -10,12 +10,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .errors import AuditError, UsageError
 from .options import cli_flags, from_cli
 from .safetext import terminal
+
+if TYPE_CHECKING:
+    from .summary import AuditSummary
 
 EXIT_OK, EXIT_FAIL_ON, EXIT_ERROR = 0, 1, 2
 MAX_FAIL_LINES = 20
@@ -132,11 +136,11 @@ def _refuse_input(path: Path, source: str, flag: str) -> None:
                          "writing it would destroy the input; choose another path")
 
 
-def _echo_summary(s: dict, paths: list[Path]) -> None:
-    traps = "n/a" if s["total_traps"] is None else s["total_traps"]
-    click.echo(f"{terminal(s['model'], 100)}: {s['matrices_analysed']} matrices, mean alpha "
-               f"{s['mean_alpha']:.3f}, traps {traps}, failed {s['matrices_failed']}, "
-               f"skipped {s['tensors_skipped']} ({s['elapsed_seconds']:.1f} s)", err=True)
+def _echo_summary(s: AuditSummary, paths: list[Path]) -> None:
+    traps = "n/a" if s.total_traps is None else s.total_traps
+    click.echo(f"{terminal(s.model, 100)}: {s.matrices_analysed} matrices, mean alpha "
+               f"{s.mean_alpha:.3f}, traps {traps}, failed {s.matrices_failed}, "
+               f"skipped {s.tensors_skipped} ({s.elapsed_seconds:.1f} s)", err=True)
     click.echo(f"reports: {', '.join(str(p) for p in paths)}", err=True)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
-import platform
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -15,8 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import __version__, streaming
-from .anatomy import TRAP_CLASSES
+from . import streaming
 from .batching import shuffle_key
 from .decode import TensorReader, decode
 from .errors import AuditError, UsageError
@@ -30,13 +27,10 @@ from .records import COLUMNS, TRAP_COLUMNS, MatrixResult, trap_table_rows
 from .routing import MatrixJob, Skipped
 from .source import Checkpoint
 from .spectra import MAX_SPECTRA, Spectra, compute_spectra, suspicious
+from .summary import AuditSummary, summarise
 
 log = logging.getLogger(__name__)
 SKIPPED_COLUMNS = ("name", "dtype", "shape", "reason")
-#: float32 bytes of matrices analysed as one batch (and decoded ahead of the analysis)
-#: summary["stage_seconds"] key -> the per-matrix column it sums
-STAGE_COLUMNS = {"read": "read_seconds", "decode": "decode_seconds", "eigen": "eigen_seconds",
-                 "fit": "fit_seconds", "traps": "trap_seconds", "wait": "wait_seconds"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +40,7 @@ class AuditResult:
     model: str
     details: pd.DataFrame
     skipped: pd.DataFrame
-    summary: dict
+    summary: AuditSummary
     spectra: tuple[Spectra, ...] = ()  # eigenvalues of the most suspicious matrices (figures)
     traps: pd.DataFrame | None = None  # one row per trap: the columns of traps.csv
 
@@ -167,36 +161,6 @@ def assemble(ckpt: Checkpoint, opts: AuditOptions, rows: list[MatrixResult],
                          columns=list(TRAP_COLUMNS))
     summary = summarise(ckpt, opts, details, skipped_df, elapsed)
     return AuditResult(ckpt.name, details, skipped_df, summary, traps=traps)
-
-
-def summarise(ckpt: Checkpoint, opts: AuditOptions, details: pd.DataFrame,
-              skipped: pd.DataFrame, elapsed: float) -> dict:
-    ok = details[details["status"] == "ok"]
-    alpha = ok["alpha"].dropna()
-    return {
-        "model": ckpt.name,
-        "source": str(ckpt.root),
-        "revision": ckpt.revision,
-        "matrices_analysed": int(len(ok)),
-        "matrices_failed": int((details["status"] != "ok").sum()),
-        "matrices_in_float64": int((ok["precision"] == "float64").sum()),
-        "tensors_skipped": int(len(skipped)),
-        "mean_alpha": float(alpha.mean()) if len(alpha) else math.nan,
-        "median_alpha": float(alpha.median()) if len(alpha) else math.nan,
-        "num_over_trained": int((ok["warning"] == "over-trained").sum()),
-        "num_under_trained": int((ok["warning"] == "under-trained").sum()),
-        "total_traps": int(ok["rand_num_spikes"].sum()) if opts.randomize else None,
-        "matrices_with_traps": int((ok["rand_num_spikes"] > 0).sum()) if opts.randomize else None,
-        "traps_by_class": ({c: int(ok[f"traps_{c}"].sum()) for c in TRAP_CLASSES}
-                           if opts.randomize else None),
-        "bytes": ckpt.total_bytes,
-        "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__},
-        "versions": {"llm_audit": __version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-        "elapsed_seconds": elapsed,
-        "stage_seconds": {stage: float(details[col].fillna(0).sum())
-                          for stage, col in STAGE_COLUMNS.items()},
-    }
 
 
 def collect_spectra(jobs: list[MatrixJob], details: pd.DataFrame, opts: AuditOptions,

@@ -16,7 +16,6 @@ download list is `hub.pick_shards`, what `hub.open_hub` fetches.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -134,10 +133,11 @@ class AuditPlan:
         }
 
     def write(self, out: str | Path) -> Path:
+        from .jsonio import dumps
         from .report.writers import atomic_write
 
         path = Path(out) / PLAN_FILE
-        atomic_write(path, json.dumps(self.to_json(), indent=1) + "\n")
+        atomic_write(path, dumps(self.to_json(), indent=1) + "\n")
         return path
 
 

@@ -6,16 +6,18 @@ writes one JSON line per matrix plus start and end lines, for machines.
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
+from .jsonio import dumps
 from .records import MatrixResult
+
+if TYPE_CHECKING:
+    from .summary import AuditSummary
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class JsonLog:
     def write(self, event: str, **fields) -> None:
         line = {"event": event, "time": round(time.time(), 3), **fields}
         try:
-            self.file.write(json.dumps(line, default=_jsonable, allow_nan=False) + "\n")
+            self.file.write(dumps(line, indent=None) + "\n")
             self.file.flush()
         except OSError as e:  # e.g. ENOSPC: say which file (the OSError of a write does not)
             raise OSError(e.errno, e.strerror, str(self.path)) from e
@@ -118,22 +120,13 @@ class JsonLog:
                        bytes=event.bytes_total, jobs_resumed=event.jobs_cached)
             return
         for r in event.rows:
-            self.write("matrix", name=r.name, status=r.status, alpha=_num(r.alpha),
+            self.write("matrix", name=r.name, status=r.status, alpha=r.alpha,
                        rand_num_spikes=r.rand_num_spikes, warning=r.warning,
-                       seconds=_num(r.seconds), resumed=event.cached,
+                       seconds=r.seconds, resumed=event.cached,
                        jobs_done=event.jobs_done, jobs_total=event.jobs_total,
                        bytes_done=event.bytes_done)
 
-    def end(self, summary: dict, exit_code: int) -> None:
+    def end(self, summary: AuditSummary, exit_code: int) -> None:
         keys = ("model", "matrices_analysed", "matrices_failed", "tensors_skipped", "mean_alpha",
                 "total_traps", "matrices_with_traps", "elapsed_seconds")
-        self.write("end", exit_code=exit_code,
-                   **{k: _num(summary.get(k)) for k in keys if k in summary})
-
-
-def _num(x):
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _jsonable(x):
-    return x.item() if hasattr(x, "item") else str(x)
+        self.write("end", exit_code=exit_code, **{k: getattr(summary, k) for k in keys})

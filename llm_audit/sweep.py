@@ -290,6 +290,7 @@ def _audit_one(item: SweepItem, out: Path, opts: AuditOptions,
                allow_pickle: bool, progress) -> SweepEntry:
     """Audit one checkpoint into out/<folder> (resuming its journal), or reuse its report."""
     from .journal import discard_journal
+    from .jsonio import dumps
     from .pipeline import audit
     from .report.writers import atomic_write
     from .spectra import MAX_SPECTRA
@@ -305,7 +306,7 @@ def _audit_one(item: SweepItem, out: Path, opts: AuditOptions,
                        workdir=folder, resume=True, options=opts,
                        max_spectra=MAX_SPECTRA if {"md", "html"} & set(wanted) else 0)
         result.write(folder, wanted)
-        atomic_write(folder / KEY_FILE, json.dumps(
+        atomic_write(folder / KEY_FILE, dumps(
             {"key": key, "source": str(item.path), "formats": list(wanted)}, indent=1) + "\n")
         discard_journal(folder)
     details = read_layers(folder)

@@ -1,6 +1,7 @@
 """End to end through the public API and the CLI on small checkpoints (issue 2's contract)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,11 +13,17 @@ from safetensors.torch import save_file
 import llm_audit
 from llm_audit.demo import write_demo_checkpoint
 from llm_audit.records import TIMING_COLUMNS
+from llm_audit.summary import AuditSummary
 
 REQUIRED = ["name", "layer", "module", "expert", "N", "M", "alpha", "alpha_weighted", "xmin", "D",
             "num_pl_spikes", "lambda_max", "log_norm", "log_spectral_norm", "stable_rank",
             "entropy", "num_spikes", "sigma_mp", "bulk_max", "rand_num_spikes", "max_rand_eval",
             "rand_bulk_max", "rand_distance", "warning"]
+SUMMARY_KEYS = ["model", "source", "revision", "matrices_analysed", "matrices_failed",
+                "matrices_in_float64", "tensors_skipped", "mean_alpha", "median_alpha",
+                "num_over_trained", "num_under_trained", "total_traps", "matrices_with_traps",
+                "traps_by_class", "bytes", "options", "versions", "elapsed_seconds",
+                "stage_seconds"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,7 @@ def test_bad_matrices_are_kept_with_a_reason(tmp_path):
     assert d.loc["d.weight", "warning"] == ("failed: only 2 eigenvalues (shape [2, 384]); a "
                                             "spectral analysis needs at least 8")
     assert list(d["status"]) == ["failed", "failed", "ok", "failed"]
-    assert r.summary["matrices_failed"] == 3 and r.summary["matrices_analysed"] == 1
+    assert r.summary.matrices_failed == 3 and r.summary.matrices_analysed == 1
 
 
 def test_write_reports(demo, tmp_path):
@@ -79,6 +86,31 @@ def test_write_reports(demo, tmp_path):
     assert (f"| elapsed | {s['elapsed_seconds']:.1f} s (eigenvalues {st['eigen']:.1f} s, fit "
             f"{st['fit']:.1f} s, traps {st['traps']:.1f} s; waited {st['wait']:.1f} s for data) |"
             in md)
+    assert list(s) == SUMMARY_KEYS and isinstance(r.summary, AuditSummary)
+    assert (tmp_path / "summary.json").read_text() == \
+        json.dumps(r.summary.as_dict(), indent=2) + "\n"  # the file as before the record
+    assert AuditSummary.from_dict(s) == r.summary
+
+
+def _no_nan(constant):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_summary_json_is_strict_when_no_fit_succeeds(tmp_path):
+    """Every matrix failed: mean and median α are NaN in the record, null in summary.json."""
+    f = tmp_path / "zeros.safetensors"
+    save_file({"a.weight": torch.zeros(64, 32), "b.weight": torch.zeros(48, 32)}, f)
+    r = llm_audit.audit(f, max_spectra=0)
+    assert (r.summary.matrices_analysed, r.summary.matrices_failed) == (0, 2)
+    assert math.isnan(r.summary.mean_alpha) and math.isnan(r.summary.median_alpha)
+    r.write(tmp_path / "out", ("json", "md", "html"))
+    s = json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=_no_nan)
+    assert list(s) == SUMMARY_KEYS and s["mean_alpha"] is None and s["median_alpha"] is None
+    assert s == r.summary.to_json() == {**r.summary.as_dict(), "mean_alpha": None,
+                                        "median_alpha": None}
+    back = AuditSummary.from_dict(s)
+    assert math.isnan(back.mean_alpha) and back.to_json() == s
+    assert "| mean α |  |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def run_cli(*args):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import llm_audit
-from llm_audit import analysis, batching, detect, pipeline, spectral
+from llm_audit import analysis, batching, detect, pipeline, spectral, summary
 from llm_audit.analysis import MatrixMeta, analyse_stack, matrix_generator
 from llm_audit.options import AuditOptions
 from llm_audit.records import COLUMNS, TIMING_COLUMNS
@@ -220,11 +220,11 @@ def test_per_expert_tensors_are_batched(tmp_path, gen, stack_sizes):
 
 def test_stage_seconds(checkpoints):
     res = llm_audit.audit(checkpoints["gpt_oss"], max_spectra=0)
-    stages = res.summary["stage_seconds"]
+    stages = res.summary.stage_seconds
     assert set(stages) == {"read", "decode", "eigen", "fit", "traps", "wait"}
     assert all(isinstance(v, float) and v >= 0 for v in stages.values())
     d = res.details
-    for stage, col in pipeline.STAGE_COLUMNS.items():
+    for stage, col in summary.STAGE_COLUMNS.items():
         assert stages[stage] == pytest.approx(float(d[col].fillna(0).sum()))
     ok = d[d.status == "ok"]
     for col in TIMING_COLUMNS:

@@ -76,7 +76,7 @@ def test_processes_equal_serial(which, rule, request):
     par = llm_audit.audit(src, trap_rule=rule, device="cpu", max_spectra=0,
                           executor="processes:2")
     pd.testing.assert_frame_equal(_values(par), _values(serial), check_exact=True)
-    assert par.summary["options"]["executor"] == "processes:2"
+    assert par.summary.options["executor"] == "processes:2"
 
 
 def test_killed_worker_is_rerun_nothing_lost_or_twice(dense):

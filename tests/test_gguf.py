@@ -149,7 +149,7 @@ def test_audit_columns_names_modules_hf_modules(tmp_path):
     assert d["layer"].tolist()[:4] == [0, 0, 0, 1] and d["layer"].isna().tolist()[4:6] == [1, 1]
     assert d["expert"].tolist()[6:] == [0, 1] and set(d["dtype"]) == {"Q8_0"}
     assert set(d["status"]) == {"ok"} and (d[["N", "M"]].values == [COLS, ROWS]).all()
-    assert r.skipped.empty and r.summary["bytes"] > 0
+    assert r.skipped.empty and r.summary.bytes > 0
 
 
 def test_safetensors_rows_hf_module_is_the_module(tmp_path):

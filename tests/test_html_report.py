@@ -1,5 +1,6 @@
 """report.html / report.md: self-contained, escaped, and working in a real headless browser."""
 
+import json
 import re
 import shutil
 import time
@@ -44,6 +45,21 @@ def test_outputs_and_figures_beside_md(report):
     md = (report / "report.md").read_text()
     for f in figs:
         assert f"](figures/{f})" in md
+
+
+def test_md_and_html_show_the_same_summary_rows(report):
+    from markupsafe import escape
+
+    from llm_audit.report.fmt import code, summary_rows
+    from llm_audit.summary import AuditSummary
+
+    s = AuditSummary.from_dict(json.loads((report / "summary.json").read_text()))
+    md, page = (report / "report.md").read_text(), (report / "report.html").read_text()
+    assert s.total_traps > 0 and s.revision is None
+    for label, text in summary_rows(s, rule=code):
+        assert f"| {label} | {text} |" in md
+    for label, text in [("model", s.model), ("revision", "—"), *summary_rows(s, missing="—")]:
+        assert f"<tr><th>{escape(label)}</th><td>{escape(text)}</td></tr>" in page
 
 
 def test_html_is_self_contained(report):
@@ -193,6 +209,7 @@ def test_moe_report_end_to_end(tmp_path):
 
 def test_markdown_layer_by_expert_tables():
     from llm_audit.report.markdown import expert_grid, render_markdown
+    from llm_audit.summary import AuditSummary
 
     rows = [dict(name=f"l{layer}.e{e}.{m}", layer=layer, expert=e, module=m,
                  alpha=2.0 + layer + e + (0.5 if m == "up" else 0.0),
@@ -203,9 +220,10 @@ def test_markdown_layer_by_expert_tables():
     grid = expert_grid(d, "alpha", "mean")
     assert grid.shape == (2, 3) and grid.loc[1, 2] == pytest.approx(5.25)  # mean of gate/up
     assert expert_grid(d, "rand_num_spikes", "sum").loc[1, 2] == 4  # 2 modules x 1*2 traps
-    summary = dict(model="m", matrices_analysed=12, matrices_failed=0, tensors_skipped=0,
-                   mean_alpha=3.0, num_over_trained=0, num_under_trained=0, total_traps=6,
-                   matrices_with_traps=4, options={"trap_rule": "ww"}, elapsed_seconds=1.0)
+    summary = AuditSummary(model="m", matrices_analysed=12, matrices_failed=0,
+                           tensors_skipped=0, mean_alpha=3.0, num_over_trained=0,
+                           num_under_trained=0, total_traps=6, matrices_with_traps=4,
+                           options={"trap_rule": "ww"}, elapsed_seconds=1.0)
     md = render_markdown(d, summary, pd.DataFrame(columns=["name", "dtype", "shape", "reason"]))
     assert "| layer | e0 | e1 | e2 |" in md
     assert "| 1 | 3.25 | 4.25 | 5.25 |" in md and "| 1 | 0 | 2 | 4 |" in md

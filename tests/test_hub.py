@@ -56,10 +56,10 @@ def tiny(tmp_path_factory):
 def test_audit_by_repo_id_offline_records_the_sha(cache, tiny):
     cache_repo(cache, tiny)
     res = llm_audit.audit(REPO, randomize=False, include=r"layers\.1\.self_attn\.q")
-    assert res.summary["revision"] == SHA and res.summary["model"] == REPO
+    assert res.summary.revision == SHA and res.summary.model == REPO
     assert list(res.details["name"]) == ["model.layers.1.self_attn.q_proj.weight"]
     res = llm_audit.audit(f"{REPO}@{SHA}", randomize=False, include=r"layers\.0\.mlp\.router")
-    assert res.summary["revision"] == SHA and len(res.details) == 1
+    assert res.summary.revision == SHA and len(res.details) == 1
 
 
 def test_only_needed_shards_are_required(cache, tiny):

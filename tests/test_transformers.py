@@ -55,8 +55,8 @@ def test_llama_in_memory_equals_saved(tmp_path):
     mem = llm_audit.audit(model, **CPU, max_spectra=0)
     files = _file_rows(model, tmp_path)
     _same_rows(_table(mem), _table(files))  # every column, traps included
-    assert mem.summary["matrices_analysed"] == files.summary["matrices_analysed"] > 10
-    assert mem.summary["source"] == "<in-memory LlamaForCausalLM>"
+    assert mem.summary.matrices_analysed == files.summary.matrices_analysed > 10
+    assert mem.summary.source == "<in-memory LlamaForCausalLM>"
     assert "model.embed_tokens.weight" in set(mem.details["name"])  # embeddings, as files
 
 

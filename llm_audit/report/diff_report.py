@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
-from .html import environment, fmt, table
-from .markdown import _code, _fmt
+from ..jsonio import dumps
+from .fmt import code, fmt
+from .html import environment, table
 from .writers import atomic_write, csv_text
 
 MAX_MD_ROWS = 50
@@ -24,7 +23,7 @@ def write_diff_reports(out: Path, result, formats: tuple[str, ...]) -> list[Path
         written.append(out / "diff.json")
         data = {"summary": result.summary, "only_a": list(result.only_a),
                 "only_b": list(result.only_b)}
-        atomic_write(written[-1], json.dumps(_clean(data), indent=2) + "\n")
+        atomic_write(written[-1], dumps(data) + "\n")
     if "md" in formats:
         written.append(out / "diff.md")
         atomic_write(written[-1], render_diff_markdown(result))
@@ -37,27 +36,27 @@ def write_diff_reports(out: Path, result, formats: tuple[str, ...]) -> list[Path
 def render_diff_markdown(result) -> str:
     s = result.summary
     t = result.table
-    lines = [f"# llm-audit diff: {_code(s['a'])} → {_code(s['b'])}", "",
+    lines = [f"# llm-audit diff: {code(s['a'])} → {code(s['b'])}", "",
              "| | |", "|---|---|",
              f"| matrices matched | {s['matched']} |",
              f"| only in A / only in B | {s['only_a']} / {s['only_b']} |",
-             f"| mean Δα | {_fmt(s['mean_d_alpha'])} |",
-             f"| largest \\|Δα\\| | {_fmt(s['max_abs_d_alpha'])} |",
+             f"| mean Δα | {fmt(s['mean_d_alpha'])} |",
+             f"| largest \\|Δα\\| | {fmt(s['max_abs_d_alpha'])} |",
              f"| Δtraps (total) | {s['total_d_traps']} |",
              f"| matrices gaining traps | {s['matrices_gaining_traps']} |", "",
              f"## Biggest changes ({min(len(t), MAX_MD_ROWS)} of {len(t)})", "",
              "| name | α A | α B | Δα | traps A | traps B | Δtraps | Δlog_norm |",
              "|---|---|---|---|---|---|---|---|"]
     for r in t.head(MAX_MD_ROWS).itertuples():
-        name = _code(r.name) if r.name_b == r.name else f"{_code(r.name)} → {_code(r.name_b)}"
-        lines.append(f"| {name} | {_fmt(r.alpha_a)} | {_fmt(r.alpha_b)} | "
-                     f"{_fmt(r.d_alpha)} | {_fmt(r.traps_a)} | {_fmt(r.traps_b)} | "
-                     f"{_fmt(r.d_traps)} | {_fmt(r.d_log_norm)} |")
+        name = code(r.name) if r.name_b == r.name else f"{code(r.name)} → {code(r.name_b)}"
+        lines.append(f"| {name} | {fmt(r.alpha_a)} | {fmt(r.alpha_b)} | "
+                     f"{fmt(r.d_alpha)} | {fmt(r.traps_a)} | {fmt(r.traps_b)} | "
+                     f"{fmt(r.d_traps)} | {fmt(r.d_log_norm)} |")
     lines.append("")
     for label, names in (("Only in A", result.only_a), ("Only in B", result.only_b)):
         if names:
             lines += [f"## {label} ({len(names)})", ""]
-            lines += [f"- {_code(n)}" for n in names[:MAX_MD_ROWS]]
+            lines += [f"- {code(n)}" for n in names[:MAX_MD_ROWS]]
             if len(names) > MAX_MD_ROWS:
                 lines.append(f"- … and {len(names) - MAX_MD_ROWS} more (see diff.json)")
             lines.append("")
@@ -72,14 +71,3 @@ def render_diff_html(result) -> str:
         title=f"llm-audit diff: {s['a']} → {s['b']}",
         summary=[(k.replace("_", " "), fmt(v)) for k, v in s.items()],
         table=data, only_a=list(result.only_a), only_b=list(result.only_b))
-
-
-def _clean(x):
-    """JSON-safe: NaN -> null, numpy scalars -> Python numbers."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    if hasattr(x, "item"):
-        x = x.item()
-    return None if isinstance(x, float) and not math.isfinite(x) else x

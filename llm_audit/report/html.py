@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from .fmt import fmt, summary_rows
+
 if TYPE_CHECKING:  # jinja2 and matplotlib load only when an HTML report is written
     import jinja2
 
+    from ..summary import AuditSummary
     from .figures import Figure
 
 TABLE_COLUMNS = ("name", "layer", "module", "expert", "N", "M", "dtype", "alpha", "D",
@@ -34,11 +37,11 @@ def environment() -> jinja2.Environment:
                               trim_blocks=True, lstrip_blocks=True)
 
 
-def render_html(details: pd.DataFrame, summary: dict, skipped: pd.DataFrame,
+def render_html(details: pd.DataFrame, summary: AuditSummary, skipped: pd.DataFrame,
                 figures: list[Figure], title: str = "llm-audit") -> str:
     template = environment().get_template("report.html.j2")
     return template.render(
-        title=f"{title}: {summary.get('model', '')}",
+        title=f"{title}: {summary.model}",
         summary=summary_items(summary),
         figures=[_figure(f) for f in figures if not f.key.startswith("spectra_")],
         spectra=[_figure(f) for f in figures if f.key.startswith("spectra_")],
@@ -49,47 +52,10 @@ def render_html(details: pd.DataFrame, summary: dict, skipped: pd.DataFrame,
     )
 
 
-def summary_items(s: dict) -> list[tuple[str, str]]:
-    items = [("model", s.get("model")), ("revision", s.get("revision") or "—"),
-             ("matrices analysed", s.get("matrices_analysed")),
-             ("matrices failed", s.get("matrices_failed")),
-             ("tensors skipped", s.get("tensors_skipped")),
-             ("mean α", fmt(s.get("mean_alpha"))),
-             ("over-trained (α < 2)", s.get("num_over_trained")),
-             ("under-trained (α > 6)", s.get("num_under_trained")),
-             ("correlation traps (total)", s.get("total_traps")),
-             ("traps by class", trap_classes_text(s)),
-             ("matrices with traps", s.get("matrices_with_traps"))]
-    opts = s.get("options") or {}
-    if "trap_rule" in opts:
-        items.append(("trap rule", opts["trap_rule"]))
-    if "precision" in opts:
-        items.append(("eigenvalue precision", precision_text(s)))
-    if "elapsed_seconds" in s:
-        items.append(("elapsed", elapsed_text(s)))
-    return [(k, "—" if v is None else str(v)) for k, v in items]
-
-
-def trap_classes_text(s: dict) -> str | None:
-    """'mean 1, entries 4, tail 0' (see README, How to read traps)."""
-    by = s.get("traps_by_class")
-    return None if by is None else ", ".join(f"{k} {v}" for k, v in by.items())
-
-
-def precision_text(s: dict) -> str:
-    """'auto (3 of 40 matrices in float64)'."""
-    n = s.get("matrices_in_float64")
-    tail = f" ({n} of {s.get('matrices_analysed')} matrices in float64)" if n is not None else ""
-    return f"{(s.get('options') or {}).get('precision', '—')}{tail}"
-
-
-def elapsed_text(s: dict) -> str:
-    """'12.3 s (eigenvalues 5.1 s, fit 1.0 s, traps 3.2 s; waited 0.1 s for data)'."""
-    st = s.get("stage_seconds")
-    if not st:
-        return f"{s['elapsed_seconds']:.1f} s"
-    return (f"{s['elapsed_seconds']:.1f} s (eigenvalues {st['eigen']:.1f} s, fit {st['fit']:.1f} "
-            f"s, traps {st['traps']:.1f} s; waited {st['wait']:.1f} s for data)")
+def summary_items(s: AuditSummary) -> list[tuple[str, str]]:
+    """The summary table: model, revision and the rows report.md shows (`fmt.summary_rows`)."""
+    return [("model", s.model), ("revision", s.revision or "—"),
+            *summary_rows(s, missing="—")]
 
 
 def flagged_rows(details: pd.DataFrame) -> pd.DataFrame:
@@ -116,14 +82,6 @@ def _sort_key(v) -> str:
     except (TypeError, ValueError):
         return ""
     return "" if math.isnan(x) else repr(x)
-
-
-def fmt(v) -> str:
-    if v is None or v is pd.NA:
-        return ""
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
 
 
 def _figure(f: Figure) -> dict:

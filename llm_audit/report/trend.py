@@ -7,7 +7,6 @@ each condition holds, and links to each checkpoint's own report (relative paths)
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,9 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .diff_report import _clean
-from .html import environment, fmt, table
-from .markdown import _code, _fmt
+from ..jsonio import dumps
+from .fmt import code, fmt
+from .html import environment, table
 from .writers import atomic_write, csv_text
 
 if TYPE_CHECKING:
@@ -36,7 +35,7 @@ def write_trend(result: SweepResult, formats: tuple[str, ...]) -> list[Path]:
         atomic_write(written[-1], csv_text(result.trend))
     if "json" in formats:
         written.append(out / "trend.json")
-        atomic_write(written[-1], json.dumps(_clean(trend_data(result)), indent=2) + "\n")
+        atomic_write(written[-1], dumps(trend_data(result)) + "\n")
     if "md" in formats:
         written.append(out / "trend.md")
         atomic_write(written[-1], render_trend_markdown(result))
@@ -86,10 +85,10 @@ def render_trend_markdown(result: SweepResult) -> str:
     lines = [f"# llm-audit sweep: {len(result.entries)} checkpoints", "",
              "| step | checkpoint | mean α | traps | failing matrices |", "|---|---|---|---|---|"]
     for e in result.entries:
-        fail = ", ".join(_code(n) for n in e.failing[:MAX_MD_FAILING])
+        fail = ", ".join(code(n) for n in e.failing[:MAX_MD_FAILING])
         if len(e.failing) > MAX_MD_FAILING:
             fail += f" and {len(e.failing) - MAX_MD_FAILING} more"
-        lines.append(f"| {e.item.step:,} | {_code(e.item.name)} | {_fmt(e.mean_alpha)} | "
+        lines.append(f"| {e.item.step:,} | {code(e.item.name)} | {fmt(e.mean_alpha)} | "
                      f"{e.total_traps if traps else 'n/a'} | {len(e.failing)}"
                      f"{': ' + fail if fail else ''} |")
     lines += ["", "## First step each condition holds", ""]
@@ -99,7 +98,7 @@ def render_trend_markdown(result: SweepResult) -> str:
             lines.append(f"- `{cond}`: never")
             continue
         lines.append(f"- `{cond}`: first at step {int(hits['step'].iloc[0]):,}")
-        lines += [f"  - {_code(r.name)} at step {int(r.step):,} ({_fmt(r.value)})"
+        lines += [f"  - {code(r.name)} at step {int(r.step):,} ({fmt(r.value)})"
                   for r in hits.head(MAX_MD_HITS).itertuples()]
         if len(hits) > MAX_MD_HITS:
             lines.append(f"  - … and {len(hits) - MAX_MD_HITS} more (see trend.json)")

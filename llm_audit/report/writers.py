@@ -6,14 +6,18 @@ Every file is written atomically: a crash never leaves a half-written file in pl
 from __future__ import annotations
 
 import csv
-import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from ..errors import UsageError
+from ..jsonio import dumps
+
+if TYPE_CHECKING:
+    from ..summary import AuditSummary
 
 FORMATS = ("md", "html", "csv", "json")
 FIGURES_DIR = "figures"
@@ -45,8 +49,8 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
-def write_reports(out: Path, details: pd.DataFrame, summary: dict, skipped: pd.DataFrame,
-                  formats: tuple[str, ...] = FORMATS, spectra: tuple = (),
+def write_reports(out: Path, details: pd.DataFrame, summary: AuditSummary,
+                  skipped: pd.DataFrame, formats: tuple[str, ...] = FORMATS, spectra: tuple = (),
                   traps: pd.DataFrame | None = None) -> list[Path]:
     """Write the chosen report formats into `out`; returns the paths written. With "csv",
     `traps` (one row per trap) goes to traps.csv."""
@@ -60,7 +64,7 @@ def write_reports(out: Path, details: pd.DataFrame, summary: dict, skipped: pd.D
             atomic_write(written[-1], csv_text(traps))
     if "json" in formats:
         written.append(out / "summary.json")
-        atomic_write(written[-1], json.dumps(summary, indent=2, default=_jsonable) + "\n")
+        atomic_write(written[-1], dumps(summary.to_json()) + "\n")
     figures = []
     if "md" in formats or "html" in formats:
         from .figures import make_figures
@@ -89,9 +93,3 @@ def csv_text(df: pd.DataFrame) -> str:
     """CSV with every text field quoted: a CR, LF or comma inside a name read from a header
     stays inside its field (pandas' minimal quoting leaves a CR bare: 5 rows read back for 3)."""
     return df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
-
-
-def _jsonable(x):
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
