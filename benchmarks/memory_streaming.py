@@ -89,7 +89,8 @@ def build_child(folder: str, layers: int, width: int, experts: int) -> None:
         v = torch.randn(8, 2880, generator=gen)
         for rows in emb.split(16384):
             n = rows.shape[0]
-            x = torch.randn(n, 2880, generator=gen) / torch.rand(n, 2880, generator=gen).sqrt()
+            u = torch.rand(n, 2880, generator=gen).clamp_min(1e-6)
+            x = torch.randn(n, 2880, generator=gen) / u.sqrt()
             rows.copy_(0.01 * x + 0.02 * torch.randn(n, 8, generator=gen) @ v / 8)
         write_sharded(Path(folder), [("model.embed_tokens.weight", emb)], [], {})
         return

@@ -143,8 +143,12 @@ def esd_of_chunks(chunks: Iterator[torch.Tensor], M: int, amax: float,
     c = spectral.pow2_scale(torch.tensor([[amax]], dtype=torch.float64))  # (1, 1)
     G = None
     for X in chunks:
-        g = spectral.gram(X, dtype=dtype, scale=c).to(torch.float64)  # lower triangle
-        G = g if G is None else G.add_(g)
+        if X.shape[0] >= X.shape[1]:
+            g = spectral.gram(X, dtype=dtype, scale=c)  # lower triangle
+        else:  # a short last chunk: still XᵀX (spectral.gram takes the smaller side)
+            A = X.to(dtype) * c.to(X.device, dtype)
+            g = A.T @ A
+        G = g.to(torch.float64) if G is None else G.add_(g.to(torch.float64))
     lam = torch.linalg.eigvalsh(G).clamp_min_(0.0)
     return lam / float(c) ** 2
 
@@ -249,7 +253,7 @@ def streamed_traps(sm: StreamedMatrix, ms: Multiset, evals: torch.Tensor, opts: 
 def spectra(job: MatrixJob, row, reason: str, opts: AuditOptions, device: torch.device,
             traps=None):
     """The report's `Spectra` of a streamed matrix: its ESD and the shuffled ESD its rule
-    counted in (the same seeded shuffles), in float64."""
+    counted in (the same seeded shuffles), in the policy's first precision (a figure)."""
     from .spectra import spectra_record
 
     sm = StreamedMatrix(job, device)
@@ -258,11 +262,12 @@ def spectra(job: MatrixJob, row, reason: str, opts: AuditOptions, device: torch.
     rand: tuple[float, ...] = ()
     if np.isfinite(ms.values).all() and np.abs(ms.values).max() > 0:
         amax = float(np.abs(ms.values).max())
-        evals = tuple(esd_of_chunks(sm.chunks(), sm.cols, amax, torch.float64).tolist())
+        dtype = opts.policy().first()
+        evals = tuple(esd_of_chunks(sm.chunks(), sm.cols, amax, dtype).tolist())
         if opts.randomize:
             seed = int(torch.randint(2**62, (1,),
                                      generator=analysis.matrix_generator(opts.seed, job.name)))
-            esds = shuffled_esds(sm, ms, opts.trap_rule, seed, torch.float64)
+            esds = shuffled_esds(sm, ms, opts.trap_rule, seed, dtype)
             from .rules import RULES
             used = esds if RULES[opts.trap_rule].name == "ww" else esds[:1]
             rand = tuple(sorted(torch.cat(used).tolist()))
