@@ -10,25 +10,25 @@ Measured on a preset's grid (``schedules``): accuracies, losses, the notebook's 
 signals, the data-free audit of fc1, fc2, fc3 with both trap rules and ``clip_xmax`` (mean α
 over the three layers, as the notebook prints it), a float32 ``.safetensors`` snapshot on a
 thinned grid plus ``snapshots/best.safetensors`` at the best test accuracy so far.
+
+``MnistExperiment`` supplies the data, the step and the measurement; the loop, checkpoint and
+resume are ``experiment.run``'s. The command line is ``mnist_cli.py``.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import measure, schedules
+from . import experiment, measure, outputs, schedules
 from .data import Split, notebook_subsets
 from .mlp import TRAINERS, FastMLP, notebook_init
 
-HISTORY_COLUMNS = ("step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
-                   "num_traps", *measure.SIGNAL_COLUMNS, "lr", "lr_steps", "num_traps_tw")
-LAYER_COLUMNS = measure.both_rules_columns()
+HISTORY_COLUMNS = experiment.HISTORY_COLUMNS
+LAYER_COLUMNS = experiment.LAYER_COLUMNS
 MIN_EVALS = 10  # WeightWatcher's default: fc3 (200×10) has exactly 10 eigenvalues
 SNAPSHOTS = 24  # snapshots kept per run (float32, 0.8 MB each), plus best.safetensors
 
@@ -127,42 +127,20 @@ def evaluate(model: nn.Module, data: Split, chunk: int = 5000) -> tuple[float, f
 
 
 def measure_step(run: Run, fast: FastMLP, data: Data, step: int, snapshot: bool) -> dict:
-    """One row of history.csv (+ its layers.csv rows and, if asked, a snapshot)."""
+    """One row of history.csv (+ its layers.csv and traps.csv rows and, if asked, a
+    snapshot)."""
     model = fast.module()
     train_acc, train_loss = evaluate(model, data.train)
     test_acc, test_loss = evaluate(model, data.test)
-    gen = torch.Generator(device=run.device).manual_seed(run.seed * 7919 + step)
+    gen = experiment.signal_generator(run.seed, step, run.device)
     signals = measure.notebook_signals(model, data.fixed_x, generator=gen)
-    audit, layer_rows = measure.audit_both_rules(model, step, run.out, seed=run.seed,
-                                                 device=str(run.device), min_evals=MIN_EVALS,
-                                                 columns=LAYER_COLUMNS)
-    measure.append_csv(run.out / "layers.csv", layer_rows, LAYER_COLUMNS)
-    if snapshot:
-        measure.save_snapshot(model, run.out, step, dtype=torch.float32)
-    row = dict(step=step, train_acc=train_acc, test_acc=test_acc, train_loss=train_loss,
-               test_loss=test_loss, **signals, **audit, lr=run.preset.lr,
-               lr_steps=run.preset.lr * step)
-    measure.append_csv(run.out / "history.csv", [row], HISTORY_COLUMNS)
-    return row
-
-
-def _checkpoint(run: Run, fast: FastMLP, step: int, best: float) -> None:
-    path = run.out / "checkpoint.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "best_test_acc": best, "seed": run.seed,
-                "preset": run.preset.__dict__, **fast.state_dict()}, tmp)
-    tmp.replace(path)
-
-
-def _read_checkpoint(run: Run) -> dict | None:
-    """``out/checkpoint.pt`` if there is one (then the CSVs are cut back to its step)."""
-    path = run.out / "checkpoint.pt"
-    if not path.exists():
-        return None
-    ck = torch.load(path, map_location=run.device, weights_only=True)
-    for name in ("history.csv", "layers.csv", "traps.csv"):
-        measure.truncate_csv(run.out / name, int(ck["step"]))
-    return ck
+    fields = dict(train_acc=train_acc, test_acc=test_acc, train_loss=train_loss,
+                  test_loss=test_loss, **signals, lr=run.preset.lr,
+                  lr_steps=run.preset.lr * step)
+    audit = experiment.AuditSettings(seed=run.seed, device=str(run.device), min_evals=MIN_EVALS,
+                                     fix_fingers="clip_xmax")
+    return experiment.record(run.out, step, fields, model, audit,
+                             snapshot=model if snapshot else None, snapshot_dtype=torch.float32)
 
 
 def _trainer(run: Run, state: dict, data: Data, ck: dict | None) -> tuple[FastMLP, int, float]:
@@ -193,48 +171,59 @@ def _epoch_batches(data: Data, seed: int, epoch: int) -> tuple[torch.Tensor, tor
     return x[order].view(data.batches_x.shape), t[order].view(data.batches_t.shape)
 
 
-Progress = Callable[[dict, float, int], None]
+class MnistExperiment:
+    """The MNIST run as an ``experiment.Experiment``: the notebook's data and init, a
+    ``TRAINERS`` step on its cycled batches, measured on the preset's grid (snapshots on a
+    thinned grid, ``best.safetensors`` at each new best test accuracy)."""
+
+    def __init__(self, run: Run):
+        p = self.preset = run.preset
+        self.run, self.steps, self.checkpoint_every = run, p.steps, p.checkpoint_every
+        self.checkpoint_path = run.out / "checkpoint.pt"
+        self.device, self.folders = run.device, (run.out,)
+        draws = notebook_init(run.seed, init_scale=p.init_scale, dtype=getattr(torch, p.dtype))
+        self.data = load_data(run, draws.train_order, draws.fixed_batch)
+        self.initial = {k: v.to(run.device) for k, v in draws.state.items()}
+        self.snapshot_steps = set(schedules.thin(p.measured_steps(), SNAPSHOTS))
+        self.n_batches = len(self.data.batches_x)
+
+    def grid(self) -> list[int]:
+        return self.preset.measured_steps()
+
+    def start(self, checkpoint: dict | None) -> int:
+        self.fast, step, self.best = _trainer(self.run, self.initial, self.data, checkpoint)
+        self.first = step
+        self.bx, self.bt = self._batches(step // self.n_batches)
+        return step
+
+    def _batches(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, t = (_epoch_batches(self.data, self.run.seed, epoch) if self.preset.reshuffle
+                else (self.data.batches_x, self.data.batches_t))
+        return self.fast.select(x), t
+
+    def advance(self, step: int) -> None:
+        epoch, b = divmod(step, self.n_batches)
+        if b == 0 and self.preset.reshuffle and step != self.first:
+            self.bx, self.bt = self._batches(epoch)
+        self.fast.step(self.bx[b], self.bt[b])
+
+    def measure(self, step: int) -> dict:
+        row = measure_step(self.run, self.fast, self.data, step,
+                           snapshot=step in self.snapshot_steps)
+        if row["test_acc"] > self.best:
+            self.best = row["test_acc"]
+            outputs.save_snapshot(self.fast.module(), self.run.out, "best", dtype=torch.float32)
+        return row
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "best_test_acc": self.best, "seed": self.run.seed,
+                "preset": self.preset.__dict__, **self.fast.state_dict()}
 
 
-def train(run: Run, progress: Progress | None = None) -> Path:
+def train(run: Run, progress: experiment.Progress | None = None) -> Path:
     """Train with the preset, measuring on its grid; write CSVs, snapshots, figures.
-    ``progress(row, t0, steps_done)`` is called after each measurement (the CLI prints)."""
-    p = run.preset
-    run.out.mkdir(parents=True, exist_ok=True)
-    draws = notebook_init(run.seed, init_scale=p.init_scale, dtype=getattr(torch, p.dtype))
-    data = load_data(run, draws.train_order, draws.fixed_batch)
-    state = {k: v.to(run.device) for k, v in draws.state.items()}
-    fast, step, best = _trainer(run, state, data, _read_checkpoint(run))
-    grid = p.measured_steps()
-    snap_steps = set(schedules.thin(grid, SNAPSHOTS))
-    todo = [s for s in grid if s > step or (step == 0 and s == 0)]
-    t0, done, n_batches, start = time.perf_counter(), 0, len(data.batches_x), step
-
-    def batches(epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, t = (_epoch_batches(data, run.seed, epoch) if p.reshuffle
-                else (data.batches_x, data.batches_t))
-        return fast.select(x), t
-    bx, bt = batches(step // n_batches)
-    while True:
-        if todo and step == todo[0]:
-            todo.pop(0)
-            row = measure_step(run, fast, data, step, snapshot=step in snap_steps)
-            if row["test_acc"] > best:
-                best = row["test_acc"]
-                measure.save_snapshot(fast.module(), run.out, "best", dtype=torch.float32)
-            if progress:
-                progress(row, t0, done)
-        out_of_time = run.time_limit_s is not None and time.perf_counter() - t0 > run.time_limit_s
-        if step and (step % p.checkpoint_every == 0 or step == p.steps or out_of_time):
-            _checkpoint(run, fast, step, best)
-        if step >= p.steps or out_of_time:
-            break
-        epoch, b = divmod(step, n_batches)
-        if p.reshuffle and b == 0 and step != start:
-            bx, bt = batches(epoch)
-        fast.step(bx[b], bt[b])
-        step += 1
-        done += 1
+    ``progress`` gets the ``experiment.Resumed`` / ``Measured`` events (the CLI prints them)."""
+    experiment.run(MnistExperiment(run), progress=progress, time_limit_s=run.time_limit_s)
     from .mnist_report import make_figures
     make_figures(run.out)
     return run.out

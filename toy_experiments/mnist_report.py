@@ -9,7 +9,7 @@ import pandas as pd
 from safetensors.torch import load_file
 
 from . import figures
-from .measure import snapshot_path
+from .outputs import snapshot_path
 
 
 def phases(history: pd.DataFrame, sat: float = 0.99, drop: float = 0.05,

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .cli_args import add_run_arguments
+from .cli import add_run_arguments, device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override the preset's fraction of the p² pairs used for training")
 
 
-def run(args: argparse.Namespace, device: Callable[[str], torch.device]) -> int:
+def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from . import modadd_train as mt
@@ -55,7 +54,7 @@ def add_ensemble_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--threads", type=int, default=None)
 
 
-def run_ensemble(args: argparse.Namespace, device: Callable[[str], torch.device]) -> int:
+def run_ensemble(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from . import modadd_ensemble as me

@@ -51,3 +51,20 @@ def thin(grid: list[int], keep: int) -> list[int]:
         return list(grid)
     k = math.ceil(len(grid) / keep)
     return sorted(set(grid[::-k][::-1]))
+
+
+def log_schedule(total_steps: int, per_decade: int = 12, first: int = 1) -> list[int]:
+    """Steps 0, first, ..., total_steps, log-spaced with ``per_decade`` points per decade."""
+    if total_steps < 0 or per_decade < 1 or first < 1:
+        raise ValueError("total_steps >= 0, per_decade >= 1 and first >= 1 are required")
+    steps = {0, total_steps}
+    if total_steps >= first:
+        n = math.ceil(per_decade * math.log10(total_steps / first)) + 1
+        for i in range(n):
+            steps.add(min(total_steps, round(first * 10 ** (i / per_decade))))
+    return sorted(steps)
+
+
+def log_grid(total_steps: int, per_decade: int, extra: tuple[int, ...] = ()) -> list[int]:
+    """``log_schedule`` plus the ``extra`` steps (any beyond ``total_steps`` are never reached)."""
+    return sorted(set(log_schedule(total_steps, per_decade)) | set(extra))
