@@ -2,7 +2,7 @@
 plain single-model loop vs the stacked ensemble (per member), side by side in one process.
 
 Plain = ``modadd_train``'s loop (``ModAddTransformer`` + autograd + AdamW, one model). Ensemble
-= ``modadd_ensemble.Trainer`` with E members (batched einsums, one fused AdamW step). Rounds
+= ``modadd_train.Trainer`` with E members (batched einsums, one fused AdamW step). Rounds
 alternate A B A B; the best of each is reported.
 
     python benchmarks/modadd_step.py [--members 1,2,5,10] [--steps 20] [--rounds 2]
@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from toy_experiments import modadd as ma
-from toy_experiments import modadd_ensemble as me
 from toy_experiments import modadd_train as mt
 
 
@@ -34,11 +33,11 @@ def plain(steps: int) -> float:
 
 
 def ensemble(members: int, steps: int) -> float:
-    ms = tuple(me.Member(seed=i // 5, weight_decay=[1, 0.3, 0.1, 0.03, 0][i % 5])
+    ms = tuple(mt.Member(seed=i // 5, weight_decay=[1, 0.3, 0.1, 0.03, 0][i % 5])
                for i in range(members))
-    ens = me.Ensemble(members=ms, preset=mt.PRESETS["nanda"], out=Path("unused"))
-    datas, params = me.stacked_setup(ens)
-    tr = me.Trainer(ens, params, datas)
+    ens = mt.Ensemble(members=ms, preset=mt.PRESETS["nanda"], out=Path("unused"))
+    datas, params = mt.stacked_setup(ens)
+    tr = mt.Trainer(ens, params, datas)
     tr.step(1)
     t0 = time.perf_counter()
     for s in range(2, steps + 2):

@@ -1,4 +1,5 @@
-"""toy_experiments.measure and toy_experiments.data: known answers on tiny inputs."""
+"""toy_experiments.measure (signals), audit, outputs, schedules.log_schedule and data: known
+answers on tiny inputs."""
 
 import gzip
 import math
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from toy_experiments import measure
+from toy_experiments import audit, measure, outputs, schedules
 from toy_experiments.data import DataNotFound, locate, notebook_indices, read_idx
 
 
@@ -29,13 +30,13 @@ def _fwd(model, x):
 
 
 def test_log_schedule():
-    assert measure.log_schedule(100, per_decade=1) == [0, 1, 10, 100]
-    assert measure.log_schedule(1000, per_decade=2) == [0, 1, 3, 10, 32, 100, 316, 1000]
-    assert measure.log_schedule(0) == [0]
-    s = measure.log_schedule(12345, per_decade=7)
+    assert schedules.log_schedule(100, per_decade=1) == [0, 1, 10, 100]
+    assert schedules.log_schedule(1000, per_decade=2) == [0, 1, 3, 10, 32, 100, 316, 1000]
+    assert schedules.log_schedule(0) == [0]
+    s = schedules.log_schedule(12345, per_decade=7)
     assert s[0] == 0 and s[-1] == 12345 and s == sorted(set(s))
     with pytest.raises(ValueError):
-        measure.log_schedule(10, per_decade=0)
+        schedules.log_schedule(10, per_decade=0)
 
 
 def test_norm_and_entropy_known_answers():
@@ -70,11 +71,11 @@ def test_zero_fraction_is_about_ten_percent():
 
 def test_csv_append_and_truncate(tmp_path):
     p = tmp_path / "h.csv"
-    measure.append_csv(p, [{"step": 1, "a": 2.0, "zzz": 9}], ("step", "a"))
-    measure.append_csv(p, [{"step": 5, "a": 3.0}, {"step": 9}], ("step", "a"))
+    outputs.append_csv(p, [{"step": 1, "a": 2.0, "zzz": 9}], ("step", "a"))
+    outputs.append_csv(p, [{"step": 5, "a": 3.0}, {"step": 9}], ("step", "a"))
     df = pd.read_csv(p)
     assert list(df.columns) == ["step", "a"] and list(df["step"]) == [1, 5, 9]
-    measure.truncate_csv(p, 5)
+    outputs.truncate_csv(p, 5)
     assert list(pd.read_csv(p)["step"]) == [1, 5]
 
 
@@ -83,10 +84,10 @@ def test_audit_rows_and_snapshot(tmp_path):
     m = torch.nn.Linear(60, 80)
     with torch.no_grad():
         m.weight.copy_(torch.randn(80, 60, generator=g) / 8)
-    hist, layers = measure.audit_rows(m, 7, min_evals=50)
+    hist, layers = audit.audit_rows(m, 7, min_evals=50)
     assert hist["num_traps"] == 0 and hist["mean_alpha"] > 2 and hist["alert"] == ""
-    assert [r["step"] for r in layers] == [7] and list(layers[0]) == list(measure.LAYER_COLUMNS)
-    path = measure.save_snapshot(m, tmp_path, 7)
+    assert [r["step"] for r in layers] == [7] and list(layers[0]) == list(audit.LAYER_COLUMNS)
+    path = outputs.save_snapshot(m, tmp_path, 7)
     assert path == tmp_path / "snapshots" / "step_000000007.safetensors" and path.exists()
 
 

@@ -111,13 +111,11 @@ def test_ensemble_members_follow_their_solo_trajectories(tmp_path):
     """Each member of a stacked ensemble equals the same model trained alone (float64)."""
     from dataclasses import replace
 
-    from toy_experiments import modadd_ensemble as me
-
     pr = replace(mt.preset_with("smoke", steps=40), dtype="float64")
-    members = (me.Member(0, 1.0), me.Member(1, 0.1), me.Member(0, 0.0))
-    ens = me.Ensemble(members=members, preset=pr, out=tmp_path)
-    datas, params = me.stacked_setup(ens)
-    tr = me.Trainer(ens, params, datas)
+    members = (mt.Member(0, 1.0), mt.Member(1, 0.1), mt.Member(0, 0.0))
+    ens = mt.Ensemble(members=members, preset=pr, out=tmp_path)
+    datas, params = mt.stacked_setup(ens)
+    tr = mt.Trainer(ens, params, datas)
     for step in range(1, 41):
         tr.step(step)
     for e, m in enumerate(members):

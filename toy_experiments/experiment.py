@@ -3,8 +3,8 @@
 An experiment supplies its model, data and training step as an ``Experiment`` (below); ``run``
 does the rest, the same for every experiment:
 
-- resume: ``checkpoint_path``, when it exists, is read (``outputs.read_checkpoint``: the run
-  folders' CSVs are cut back to its step) and handed to ``start``;
+- resume: ``checkpoint_path``, when it exists, is loaded and handed to ``start`` (which may
+  refuse it), then the run folders' CSVs are cut back to its step (``outputs.cut_back``);
 - the loop: each step of ``grid()`` not yet measured is measured (``measure``); a checkpoint
   (``state``) is written every ``checkpoint_every`` steps, at the last step, and when the time
   limit is spent; ``advance(step)`` trains from ``step`` to ``step + 1``;
@@ -90,10 +90,12 @@ def run(exp: Experiment, *, progress: Progress | None = None, time_limit_s: floa
     ``measure_at_stop``, a time-limited stop at a step not measured is measured too."""
     for folder in (*exp.folders, exp.checkpoint_path.parent):
         Path(folder).mkdir(parents=True, exist_ok=True)
-    ck = outputs.read_checkpoint(exp.checkpoint_path, exp.device, exp.folders)
-    step = start = exp.start(ck)
-    if ck is not None and progress:
-        progress(Resumed(exp.checkpoint_path, step))
+    ck = outputs.load_checkpoint(exp.checkpoint_path, exp.device)
+    step = start = exp.start(ck)  # raises if ck is not this experiment's
+    if ck is not None:
+        outputs.cut_back(exp.folders, step)
+        if progress:
+            progress(Resumed(exp.checkpoint_path, step))
     todo = deque(s for s in exp.grid() if s > step or step == 0)
     t0, done = clock(), 0
     while True:

@@ -8,6 +8,9 @@ last position's query, MLP and unembedding are computed (exactly the same loss, 
 The audited weight matrices (fused over heads): embed.weight (p+1, d), attn.W_Q/W_K/W_V.weight
 (H*dh, d), attn.W_O.weight (d, H*dh), mlp.W_in.weight (d_mlp, d), mlp.W_out.weight (d, d_mlp),
 unembed.weight (p, d).
+
+``stacked_logits`` is the same forward for E models at once (every parameter stacked (E, ...),
+``STACKED_NAMES``), the ensemble trainer's; ``member_model`` takes one member out.
 """
 
 from __future__ import annotations
@@ -177,3 +180,41 @@ def reference_logits(model: ModAddTransformer, x: torch.Tensor) -> torch.Tensor:
     resid = resid + a.W_O(z)
     resid = resid + model.mlp.W_out(model.mlp.hidden(resid))  # (B, S, d)
     return model.unembed(resid)[:, -1]  # (B, p)
+
+
+# ---------------------------------------------------------------- E models at once
+
+#: the parameters of ``ModAddTransformer``, stacked over members by the ensemble trainer
+STACKED_NAMES = ("embed.weight", "pos_embed", "attn.W_Q.weight", "attn.W_K.weight",
+                 "attn.W_V.weight", "attn.W_O.weight", "mlp.W_in.weight", "mlp.W_in.bias",
+                 "mlp.W_out.weight", "mlp.W_out.bias", "unembed.weight")
+
+
+def stacked_logits(P: dict[str, torch.Tensor], x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Logits (E, B, p) at the last position of the E members on their batches x (E, B, 3):
+    ``ModAddTransformer.forward`` with a leading member dimension."""
+    E, B, S = x.shape
+    H, dh = cfg.n_heads, cfg.d_head
+    table = P["embed.weight"][:, :, None, :] + P["pos_embed"][:, None]  # (E, V, S, d)
+    eq = table[:, cfg.p, S - 1]  # (E, d): the '=' token in the last slot
+    q = torch.einsum("ed,efd->ef", eq, P["attn.W_Q.weight"]).view(E, H, dh)
+    k_tab = torch.einsum("evsd,efd->evsf", table, P["attn.W_K.weight"])  # (E, V, S, H*dh)
+    v_tab = torch.einsum("evsd,efd->evsf", table, P["attn.W_V.weight"])
+    ei = torch.arange(E, device=x.device)[:, None, None]
+    si = torch.arange(S, device=x.device)[None, None, :]
+    k = k_tab[ei, x, si].view(E, B, S, H, dh)  # (E, B, S, H, dh)
+    v = v_tab[ei, x, si].view(E, B, S, H, dh)
+    scores = torch.einsum("ehd,ebshd->ebhs", q, k) / math.sqrt(dh)
+    z = torch.einsum("ebhs,ebshd->ebhd", scores.softmax(-1), v).reshape(E, B, H * dh)
+    r = eq[:, None] + torch.einsum("ebf,edf->ebd", z, P["attn.W_O.weight"])  # (E, B, d)
+    h = F.relu(torch.einsum("ebd,emd->ebm", r, P["mlp.W_in.weight"])
+               + P["mlp.W_in.bias"][:, None])  # (E, B, d_mlp)
+    r = r + torch.einsum("ebm,edm->ebd", h, P["mlp.W_out.weight"]) + P["mlp.W_out.bias"][:, None]
+    return torch.einsum("ebd,epd->ebp", r, P["unembed.weight"])  # (E, B, p)
+
+
+def member_model(P: dict[str, torch.Tensor], e: int, cfg: ModelConfig) -> ModAddTransformer:
+    """Member e as an ``nn.Module`` (a copy), for measurements."""
+    m = ModAddTransformer(cfg).to(P["embed.weight"].device, P["embed.weight"].dtype)
+    m.load_state_dict({n: t[e].detach() for n, t in P.items()})
+    return m.requires_grad_(False)

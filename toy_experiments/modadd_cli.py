@@ -1,14 +1,17 @@
-"""The ``modadd`` subcommand of ``python -m toy_experiments`` (parser + runner)."""
+"""The ``modadd`` and ``modadd-ensemble`` subcommands of ``python -m toy_experiments`` (parsers
++ runners)."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .cli import add_run_arguments, device
+from .cli import add_run_arguments, device, print_progress, print_resumed
+from .experiment import Measured, Resumed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"modadd preset={args.preset} {preset} seed={args.seed} device={r.device} "
           f"out={args.out}", flush=True)
     t0 = time.perf_counter()
-    mt.train(r)
+    mt.train(r, progress=print_progress)
     print(describe(phases(pd.read_csv(args.out / "history.csv"))))
     print(f"wall time {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
@@ -54,22 +57,36 @@ def add_ensemble_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--threads", type=int, default=None)
 
 
+def ensemble_progress(members: tuple) -> Callable[[Resumed | Measured], None]:
+    """One console line per measurement: every member's train/test accuracy and tw traps."""
+    def show(event: Resumed | Measured) -> None:
+        if isinstance(event, Resumed):
+            print_resumed(event)
+            return
+        accs = " ".join(f"{m.name}:{r['train_acc']:.2f}/{r['test_acc']:.2f}/t{r['num_traps_tw']}"
+                        for m, r in zip(members, event.result, strict=True))
+        print(f"step {event.step:>8d} [{event.rate:.1f} steps/s] {accs}", flush=True)
+    return show
+
+
 def run_ensemble(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from . import modadd_ensemble as me
     from . import modadd_train as mt
 
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = replace(mt.preset_with(args.preset, steps=args.steps), dtype=args.dtype)
-    members = tuple(me.Member(int(s), float(w)) for w in args.weight_decays.split(",")
+    members = tuple(mt.Member(int(s), float(w)) for w in args.weight_decays.split(",")
                     for s in args.seeds.split(","))
-    ens = me.Ensemble(members=members, preset=preset, out=args.out, device=device(args.device))
+    ens = mt.Ensemble(members=members, preset=preset, out=args.out, device=device(args.device))
     print(f"modadd-ensemble {len(members)} members {[m.name for m in members]} {preset} "
           f"device={ens.device}", flush=True)
     t0 = time.perf_counter()
-    me.train(ens, steps_per_print=1,
-             time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
+    try:
+        mt.train_ensemble(ens, progress=ensemble_progress(members),
+                          time_limit_s=None if args.time_limit is None else 60 * args.time_limit)
+    except mt.MembersMismatch as e:
+        raise SystemExit(str(e)) from None
     print(f"wall time {time.perf_counter() - t0:.1f} s", flush=True)
     return 0

@@ -1,28 +1,40 @@
-"""Training and measuring the modular-addition transformer (presets, schedule, resumable loop).
+"""Training and measuring the modular-addition transformer: presets, schedule, the trainers.
 
 Full-batch AdamW on the training pairs, loss at the last position. A preset's schedule is a
-list of segments (first step, lr, weight decay): the paper preset keeps Nanda's recipe for the
-whole run; the quick preset changes the optimiser once, after grokking (see PRESETS).
-At log-spaced steps: accuracies and losses, the comparison signals, the data-free audit through
-``llm_audit.monitor_weights`` (``measure.audit_rows``), and a ``.safetensors`` snapshot.
+list of segments (first step, lr, weight decay, eps): the paper preset keeps Nanda's recipe for
+the whole run; the quick preset changes the optimiser once, after grokking (see PRESETS).
+At log-spaced steps (plus a preset's extra steps): accuracies and losses, the comparison
+signals, the data-free audit with both trap rules and a ``.safetensors`` snapshot
+(``measure_step``, through ``experiment.record``).
+
+Two experiments on ``experiment.run`` (the shared loop, checkpoint and resume):
+
+- ``SingleRun`` (``train``): one ``ModAddTransformer`` with ``optim.AdamW``;
+- ``EnsembleRun`` (``train_ensemble``): the long weight-decay × seed searches. Every parameter
+  of the E members is one stacked tensor (E, ...); one forward/backward over all members
+  (``modadd.stacked_logits``, the members' losses summed: their gradients stay independent)
+  and one ``torch.optim.AdamW(fused=True)`` step update them all. Each member has its own
+  data split and init (its seed, exactly as ``setup``) and its own weight decay, applied as
+  AdamW does (p ← p·(1 − lr·wd) before the Adam update; the optimizer itself runs with 0), so
+  a member follows the trajectory of the same model trained alone (tests/test_toy_modadd.py).
+  Members are measured as single runs are, each into its own folder ``OUT/<member>/``.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
-from . import measure
+from . import experiment, measure, schedules
 from . import modadd as ma
 from .modadd import ModAddData, ModAddTransformer
 from .optim import AdamW
 
-HISTORY_COLUMNS = ("step", "train_acc", "test_acc", "train_loss", "test_loss", "mean_alpha",
-                   "num_traps", *measure.SIGNAL_COLUMNS, "lr", "lr_steps", "num_traps_tw")
-LAYER_COLUMNS = measure.both_rules_columns()
+HISTORY_COLUMNS = experiment.HISTORY_COLUMNS
+LAYER_COLUMNS = experiment.LAYER_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,9 @@ class Preset:
     per_decade: int = 12  # measurement points per decade of steps
     checkpoint_every: int = 10_000
     extra_steps: tuple[int, ...] = field(default=())  # measured in addition to the log grid
+
+    def measured_steps(self) -> list[int]:
+        return schedules.log_grid(self.steps, self.per_decade, self.extra_steps)
 
 
 PRESETS = {
@@ -85,52 +100,17 @@ def hyper(pr: Preset, step: int) -> tuple[float, float, float]:
     return lr * min(1.0, step / pr.warmup), wd, eps
 
 
+def lr_sum(pr: Preset, step: int) -> float:
+    """Σ lr over steps 1..step (warm-up and ramps included)."""
+    return sum((hyper(pr, s)[0] for s in range(1, step + 1)), 0.0)
+
+
 @dataclass(frozen=True)
 class Run:
     preset: Preset
     out: Path
     seed: int = 0
     device: torch.device = torch.device("cpu")
-
-
-def measure_step(run: Run, model: ModAddTransformer, data: ModAddData, step: int,
-                 lr_steps: float = 0.0) -> dict:
-    """One row of history.csv (+ layers.csv rows and a snapshot written)."""
-    train_acc, train_loss = ma.evaluate(model, data.train_x, data.train_y)
-    test_acc, test_loss = ma.evaluate(model, data.test_x, data.test_y)
-    gen = torch.Generator(device=run.device).manual_seed(run.seed * 7919 + step)
-    signals = measure.comparison_signals(model, data.train_x, ma.forward_with_hiddens,
-                                         generator=gen)
-    audit, layer_rows = measure.audit_both_rules(
-        ma.audited_weights(model), step, run.out, seed=run.seed, device=str(run.device),
-        min_evals=1, columns=LAYER_COLUMNS, fix_fingers="none")
-    measure.append_csv(run.out / "layers.csv", layer_rows, LAYER_COLUMNS)
-    measure.save_snapshot(model, run.out, step)
-    lr = hyper(run.preset, max(step, 1))[0]
-    row = dict(step=step, train_acc=train_acc, test_acc=test_acc, train_loss=train_loss,
-               test_loss=test_loss, **signals, **audit, lr=lr, lr_steps=lr_steps)
-    measure.append_csv(run.out / "history.csv", [row], HISTORY_COLUMNS)
-    return row
-
-
-def _lr_steps(pr: Preset, step: int) -> float:
-    """Σ lr over steps 1..step (warm-up and ramps included)."""
-    return sum(hyper(pr, s)[0] for s in range(1, step + 1))
-
-
-def save_checkpoint(run: Run, model: ModAddTransformer, opt: AdamW,
-                    step: int) -> None:
-    path = run.out / "checkpoint.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                "seed": run.seed}, tmp)
-    tmp.replace(path)
-
-
-def load_checkpoint(run: Run, model: ModAddTransformer, opt: AdamW) -> int:
-    """Resume from ``out/checkpoint.pt`` when there is one: returns its step (0 if none)."""
-    ck = measure.load_checkpoint(run.out, model, opt, run.device)
-    return 0 if ck is None else int(ck["step"])
 
 
 def setup(run: Run) -> tuple[ModAddData, ModAddTransformer, AdamW]:
@@ -144,35 +124,199 @@ def setup(run: Run) -> tuple[ModAddData, ModAddTransformer, AdamW]:
     return data, model, opt
 
 
-def train(run: Run) -> Path:
-    """Train with the preset, measuring at log-spaced steps; write CSVs, snapshots, figures."""
+def measure_step(run: Run, model: ModAddTransformer, data: ModAddData, step: int,
+                 lr_steps: float = 0.0) -> dict:
+    """One row of history.csv (+ layers.csv and traps.csv rows and a snapshot written)."""
+    train_acc, train_loss = ma.evaluate(model, data.train_x, data.train_y)
+    test_acc, test_loss = ma.evaluate(model, data.test_x, data.test_y)
+    gen = experiment.signal_generator(run.seed, step, run.device)
+    signals = measure.comparison_signals(model, data.train_x, ma.forward_with_hiddens,
+                                         generator=gen)
+    fields = dict(train_acc=train_acc, test_acc=test_acc, train_loss=train_loss,
+                  test_loss=test_loss, **signals, lr=hyper(run.preset, max(step, 1))[0],
+                  lr_steps=lr_steps)
+    audit = experiment.AuditSettings(seed=run.seed, device=str(run.device), min_evals=1,
+                                     fix_fingers="none")
+    return experiment.record(run.out, step, fields, ma.audited_weights(model), audit,
+                             snapshot=model)
+
+
+class SingleRun:
+    """One model as an ``experiment.Experiment``; its checkpoint: step, model, opt, seed."""
+
+    def __init__(self, run: Run):
+        pr = self.preset = run.preset
+        self.run, self.steps, self.checkpoint_every = run, pr.steps, pr.checkpoint_every
+        self.checkpoint_path = run.out / "checkpoint.pt"
+        self.device, self.folders = run.device, (run.out,)
+        self.data, self.model, self.opt = setup(run)
+        self.lr_steps = 0.0  # Σ lr so far (computed once on resuming, then accumulated)
+
+    def grid(self) -> list[int]:
+        return self.preset.measured_steps()
+
+    def start(self, checkpoint: dict | None) -> int:
+        step = 0
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+            self.opt.load_state_dict(checkpoint["opt"])
+            step = int(checkpoint["step"])
+        self.lr_steps = lr_sum(self.preset, step)
+        return step
+
+    def advance(self, step: int) -> None:
+        lr, self.opt.weight_decay, self.opt.eps = hyper(self.preset, step + 1)
+        self.lr_steps += lr
+        self.opt.zero_grad()
+        ma.loss_fn(self.model(self.data.train_x), self.data.train_y).backward()
+        self.opt.step(lr)
+
+    def measure(self, step: int) -> dict:
+        return measure_step(self.run, self.model, self.data, step, self.lr_steps)
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "seed": self.run.seed}
+
+
+def train(run: Run, progress: experiment.Progress | None = None) -> Path:
+    """Train with the preset, measuring on its grid; write CSVs, snapshots, figures."""
     from .modadd_report import make_figures
 
-    pr = run.preset
-    run.out.mkdir(parents=True, exist_ok=True)
-    data, model, opt = setup(run)
-    step = load_checkpoint(run, model, opt)
-    lr_sum = _lr_steps(pr, step)  # Σ lr so far (once, on resuming), then accumulated
-    grid = sorted(set(measure.log_schedule(pr.steps, pr.per_decade)) | set(pr.extra_steps))
-    todo = [s for s in grid if s > step or step == 0]
-    t0, done = time.perf_counter(), 0
-    if todo and todo[0] == 0:
-        measure.print_progress(measure_step(run, model, data, 0), t0, 0)
-        todo = todo[1:]
-    while step < pr.steps:
-        step += 1
-        lr, opt.weight_decay, opt.eps = hyper(pr, step)
-        lr_sum += lr
-        opt.zero_grad()
-        ma.loss_fn(model(data.train_x), data.train_y).backward()
-        opt.step(lr)
-        done += 1
-        if todo and step == todo[0]:
-            todo = todo[1:]
-            measure.print_progress(measure_step(run, model, data, step, lr_sum), t0, done)
-        if step % pr.checkpoint_every == 0 or step == pr.steps:
-            save_checkpoint(run, model, opt, step)
+    experiment.run(SingleRun(run), progress=progress)
     make_figures(run.out)
     return run.out
 
 
+# ---------------------------------------------------------------- many models at once
+
+@dataclass(frozen=True)
+class Member:
+    seed: int
+    weight_decay: float
+
+    @property
+    def name(self) -> str:
+        return f"wd{self.weight_decay:g}_seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    members: tuple[Member, ...]
+    preset: Preset  # the schedule (its first segment's weight decay is replaced per member)
+    out: Path
+    device: torch.device = torch.device("cpu")
+
+    def member_run(self, m: Member) -> Run:
+        (first, lr, _, eps), *rest = self.preset.schedule
+        pr = replace(self.preset, schedule=((first, lr, m.weight_decay, eps), *rest))
+        return Run(preset=pr, out=self.out / m.name, seed=m.seed, device=self.device)
+
+
+def stacked_setup(ens: Ensemble) -> tuple[list[ModAddData], dict[str, torch.Tensor]]:
+    """Each member's data and init (as ``setup`` with its seed), stacked."""
+    datas, states = [], []
+    for m in ens.members:
+        data, model, _ = setup(ens.member_run(m))
+        datas.append(data)
+        states.append(model.state_dict())
+    params = {n: torch.stack([s[n] for s in states]).requires_grad_(True)
+              for n in ma.STACKED_NAMES}
+    return datas, params
+
+
+class Trainer:
+    """The stacked members, their optimizer and one step."""
+
+    def __init__(self, ens: Ensemble, params: dict[str, torch.Tensor],
+                 datas: list[ModAddData]):
+        self.ens, self.P = ens, params
+        self.cfg = ma.ModelConfig(p=ens.preset.p)
+        self.x = torch.stack([d.train_x for d in datas])  # (E, B, 3)
+        self.y = torch.stack([d.train_y for d in datas])  # (E, B)
+        dev = params["embed.weight"].device
+        self.wd = torch.tensor([m.weight_decay for m in ens.members], dtype=torch.float64,
+                               device=dev)
+        _, lr, _, eps = ens.preset.schedule[0]
+        self.opt = torch.optim.AdamW(list(params.values()), lr=lr, betas=ens.preset.betas,
+                                     eps=eps, weight_decay=0.0, fused=dev.type in ("cpu", "cuda"))
+
+    def step(self, step: int) -> None:
+        lr = hyper(self.ens.preset, step)[0]
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        out = ma.stacked_logits(self.P, self.x, self.cfg)  # (E, B, p)
+        loss = F.cross_entropy(out.to(torch.float64).flatten(0, 1), self.y.flatten(),
+                               reduction="none").view(self.y.shape).mean(1).sum()
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        with torch.no_grad():  # AdamW's decoupled decay, each member at its own rate
+            for t in self.P.values():
+                shape = (-1,) + (1,) * (t.ndim - 1)
+                t.mul_((1 - lr * self.wd).to(t.dtype).view(shape))
+        self.opt.step()
+
+
+class MembersMismatch(ValueError):
+    """The checkpoint in the output folder is of other members than the ones asked for."""
+
+
+class EnsembleRun:
+    """The stacked members as an ``experiment.Experiment``: one checkpoint (OUT/checkpoint.pt:
+    step, params, opt, members), one run folder per member (OUT/<member>/)."""
+
+    def __init__(self, ens: Ensemble):
+        pr = self.preset = ens.preset
+        self.ens, self.steps, self.checkpoint_every = ens, pr.steps, pr.checkpoint_every
+        self.checkpoint_path, self.device = ens.out / "checkpoint.pt", ens.device
+        self.runs = [ens.member_run(m) for m in ens.members]
+        self.folders = tuple(r.out for r in self.runs)
+        self.datas, params = stacked_setup(ens)
+        self.trainer = Trainer(ens, params, self.datas)
+        self.lr_steps = 0.0
+
+    def grid(self) -> list[int]:
+        return self.preset.measured_steps()
+
+    def start(self, checkpoint: dict | None) -> int:
+        if checkpoint is None:
+            return 0
+        asked = [(m.seed, m.weight_decay) for m in self.ens.members]
+        if [tuple(m) for m in checkpoint["members"]] != asked:
+            raise MembersMismatch(f"{self.checkpoint_path}: its members "
+                                  f"{checkpoint['members']} are not the ones asked for")
+        with torch.no_grad():
+            for n, t in self.trainer.P.items():
+                t.copy_(checkpoint["params"][n])
+        self.trainer.opt.load_state_dict(checkpoint["opt"])
+        step = int(checkpoint["step"])
+        self.lr_steps = lr_sum(self.preset, step)
+        return step
+
+    def advance(self, step: int) -> None:
+        self.trainer.step(step + 1)
+        self.lr_steps += hyper(self.preset, step + 1)[0]
+
+    def measure(self, step: int) -> list[dict]:
+        """The members' history rows."""
+        P, cfg = self.trainer.P, self.trainer.cfg
+        return [measure_step(run, ma.member_model(P, e, cfg), self.datas[e], step, self.lr_steps)
+                for e, run in enumerate(self.runs)]
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "params": {n: t.detach() for n, t in self.trainer.P.items()},
+                "opt": self.trainer.opt.state_dict(),
+                "members": [(m.seed, m.weight_decay) for m in self.ens.members]}
+
+
+def train_ensemble(ens: Ensemble, progress: experiment.Progress | None = None,
+                   time_limit_s: float | None = None) -> Path:
+    """Train all members; measure each on the preset's grid into OUT/<member>/. With a time
+    limit, stop (checkpointed, measured) once it is spent: rerun to resume."""
+    from .modadd_report import make_figures
+
+    experiment.run(EnsembleRun(ens), progress=progress, time_limit_s=time_limit_s,
+                   measure_at_stop=True)
+    for m in ens.members:
+        make_figures(ens.out / m.name, title=f"modular addition, {m.name}")
+    return ens.out

@@ -65,16 +65,17 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def read_checkpoint(path: Path, device: torch.device | str,
-                    folders: Iterable[Path] = ()) -> dict | None:
-    """The checkpoint at ``path`` (tensors on ``device``), None if there is none. The CSVs of
-    each run folder in ``folders`` are cut back to its step: rows measured after it are
-    measured again."""
+def load_checkpoint(path: Path, device: torch.device | str) -> dict | None:
+    """The checkpoint at ``path`` (tensors on ``device``), None if there is none."""
     path = Path(path)
     if not path.exists():
         return None
-    ck = torch.load(path, map_location=device, weights_only=True)
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def cut_back(folders: Iterable[Path], step: int) -> None:
+    """Resuming at ``step``: the CSVs of each run folder lose their rows measured after it
+    (they are measured again)."""
     for folder in folders:
         for name in CSV_FILES:
-            truncate_csv(Path(folder) / name, int(ck["step"]))
-    return ck
+            truncate_csv(Path(folder) / name, step)
