@@ -43,9 +43,10 @@ def analyse_jobs(jobs: list[MatrixJob], opts: AuditOptions, device: torch.device
     pairs; results do not depend on which (shuffles are seeded per matrix or stack). Dense
     matrices too large to decode whole are analysed first, in row chunks (streaming.py)."""
     device = opts.torch_device() if device is None else device
-    whole = [i for i, j in enumerate(jobs) if not streaming.streams(j)]
-    for i in (i for i, j in enumerate(jobs) if streaming.streams(j)):  # never decoded whole
+    streamed = [streaming.streams(j) for j in jobs]
+    for i in (i for i, st in enumerate(streamed) if st):  # never decoded whole
         yield i, (streaming.analyse_job(jobs[i], opts, device),)
+    whole = [i for i, st in enumerate(streamed) if not st]
     # order[p]: the index of the p-th job decoded
     order = [whole[k] for k in grouped([jobs[i] for i in whole])]
     limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])

@@ -13,6 +13,7 @@ Nothing heavy is imported at module level (the CLI builds `--help` from this reg
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ class TrapRule:
     # eigenvalues, and (esds, evals, N, M, (mean, var), precision) -> TrapResult (no anatomy)
     shuffles: Callable[[int], int] = lambda M: 1
     count_esd: Callable[..., TrapResult] | None = None
+    figure_shuffles: Callable[[int], int] = lambda M: 1  # of those, the first n its figure pools
 
 
 def _imports():
@@ -71,17 +73,24 @@ def _ww_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
             pooled = torch.cat([spectral.esd(S[b]) for S in shuffled])  # exact in float64
             fit = mp.mp_fit(pooled, N, M)
             decided_in = torch.float64
-        lam = pooled.cpu().numpy()
-        traps = tuple(sorted((float(v) for v in lam[lam > fit.threshold]), reverse=True))
-        out.append(detect.TrapResult(num_traps=fit.num_spikes, max_rand_eval=fit.max_eval,
-                              bulk_max=fit.bulk_max, sigma_mp=fit.sigma_mp,
-                              threshold=fit.threshold,
-                              distance=detect.js_distance(evals[b], pooled[:M]),
-                              trap_evals=traps, precision=precision_name(decided_in),
-                              anatomy=detect.trap_anatomy(W[b], perms, fit.num_spikes,
-                                                          fit.threshold, generators[b],
-                                                          moments[b], remove_mean=False)))
+        r = _ww_result(pooled, fit, evals[b], pooled[:M], precision_name(decided_in))
+        out.append(dataclasses.replace(r, anatomy=detect.trap_anatomy(
+            W[b], perms, fit.num_spikes, fit.threshold, generators[b], moments[b],
+            remove_mean=False)))
     return out
+
+
+def _ww_result(pooled: torch.Tensor, fit, evals: torch.Tensor, first: torch.Tensor,
+               precision: str) -> TrapResult:
+    """The ``ww`` count of pooled shuffled ESDs given their MP fit (`first`: the first
+    shuffle's ESD, for rand_distance); no anatomy."""
+    _, detect, _, _, _ = _imports()
+    lam = pooled.cpu().numpy()
+    traps = tuple(sorted((float(v) for v in lam[lam > fit.threshold]), reverse=True))
+    return detect.TrapResult(num_traps=fit.num_spikes, max_rand_eval=fit.max_eval,
+                             bulk_max=fit.bulk_max, sigma_mp=fit.sigma_mp,
+                             threshold=fit.threshold, distance=detect.js_distance(evals, first),
+                             trap_evals=traps, precision=precision)
 
 
 def _tw_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generator,
@@ -116,14 +125,19 @@ def _tw_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
         if policy.redo(dtype, detect.near(top, threshold, detect.eig_err(top))):
             top = detect.top_above(S[b], threshold, generators[b], torch.float64)
             decided_in = torch.float64
-        traps = tuple(float(v) for v in top if float(v) > threshold)
-        out.append(detect.TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]),
-                              bulk_max=edge, sigma_mp=math.nan, threshold=threshold,
-                              distance=math.nan, trap_evals=traps,
-                              precision=precision_name(decided_in),
-                              anatomy=detect.trap_anatomy(W[b], [perm], len(traps), threshold,
-                                               generators[b], moments[b], remove_mean=True)))
+        r = _tw_result(top, edge, threshold, precision_name(decided_in))
+        out.append(dataclasses.replace(r, anatomy=detect.trap_anatomy(
+            W[b], [perm], r.num_traps, threshold, generators[b], moments[b], remove_mean=True)))
     return out
+
+
+def _tw_result(top: torch.Tensor, edge: float, threshold: float, precision: str) -> TrapResult:
+    """The ``tw`` count from the shuffled spectrum's top (descending); no anatomy."""
+    _, detect, _, _, _ = _imports()
+    traps = tuple(float(v) for v in top if float(v) > threshold)
+    return detect.TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]), bulk_max=edge,
+                             sigma_mp=math.nan, threshold=threshold, distance=math.nan,
+                             trap_evals=traps, precision=precision)
 
 
 def _perm_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generator,
@@ -150,27 +164,17 @@ def _ww_shuffles(M: int) -> int:
 def _ww_count(esds: Sequence[torch.Tensor], evals: torch.Tensor, N: int, M: int,
               moments: tuple[float, float], precision: str) -> TrapResult:
     """`_ww_traps` on given shuffled ESDs (ascending, mean kept): pooled, MP-fitted."""
-    torch, detect, mp, _, _ = _imports()
+    torch, _, mp, _, _ = _imports()
     pooled = torch.cat([e.double() for e in esds])
-    fit = mp.mp_fit(pooled, N, M)
-    lam = pooled.cpu().numpy()
-    traps = tuple(sorted((float(v) for v in lam[lam > fit.threshold]), reverse=True))
-    return detect.TrapResult(num_traps=fit.num_spikes, max_rand_eval=fit.max_eval,
-                             bulk_max=fit.bulk_max, sigma_mp=fit.sigma_mp,
-                             threshold=fit.threshold, distance=detect.js_distance(evals, esds[0]),
-                             trap_evals=traps, precision=precision)
+    return _ww_result(pooled, mp.mp_fit(pooled, N, M), evals, esds[0], precision)
 
 
 def _tw_count(esds: Sequence[torch.Tensor], evals: torch.Tensor, N: int, M: int,
               moments: tuple[float, float], precision: str) -> TrapResult:
     """`_tw_traps` on a given shuffled ESD of the centred matrix (one shuffle)."""
-    torch, detect, mp, _, _ = _imports()
+    torch, _, mp, _, _ = _imports()
     edge, threshold = mp.tw_edge(moments[1], N, M)
-    top = torch.sort(esds[0].double(), descending=True).values
-    traps = tuple(float(v) for v in top if float(v) > threshold)
-    return detect.TrapResult(num_traps=len(traps), max_rand_eval=float(top[0]), bulk_max=edge,
-                             sigma_mp=math.nan, threshold=threshold, distance=math.nan,
-                             trap_evals=traps, precision=precision)
+    return _tw_result(torch.flip(esds[0].double(), [0]), edge, threshold, precision)
 
 
 def _perm_count(esds: Sequence[torch.Tensor], evals: torch.Tensor, N: int, M: int,
@@ -197,7 +201,7 @@ def _tw_esd(W: torch.Tensor, generator: torch.Generator) -> list[float]:
 RULES: dict[str, TrapRule] = {r.name: r for r in (
     TrapRule("ww", "WeightWatcher's rule (counts agree with it)", removes_mean=False,
              fills=("rand_sigma_mp", "rand_distance"), traps=_ww_traps, shuffled_esd=_ww_esd,
-             shuffles=_ww_shuffles, count_esd=_ww_count),
+             shuffles=_ww_shuffles, count_esd=_ww_count, figure_shuffles=_ww_shuffles),
     TrapRule("tw", "Tracy-Widom 99.9% above the exact MP edge, mean removed",
              removes_mean=True, fills=(), traps=_tw_traps, shuffled_esd=_tw_esd,
              count_esd=_tw_count),

@@ -218,8 +218,9 @@ def _analyse(sm: StreamedMatrix, meta: analysis.MatrixMeta, opts: AuditOptions) 
 
 
 def shuffled_esds(sm: StreamedMatrix, ms: Multiset, rule: str, seed: int,
-                  dtype: torch.dtype) -> list[torch.Tensor]:
-    """The shuffled ESDs the rule counts in (mean removed first if the rule removes it)."""
+                  dtype: torch.dtype, count: int | None = None) -> list[torch.Tensor]:
+    """The first `count` (default: all) shuffled ESDs the rule counts in, the mean removed
+    first if the rule removes it; shuffle k is drawn from seed + k."""
     from .rules import RULES
 
     r = RULES[rule]
@@ -227,7 +228,7 @@ def shuffled_esds(sm: StreamedMatrix, ms: Multiset, rule: str, seed: int,
     amax = float(np.abs(ms.values - centre).max())
     return [esd_of_chunks(shuffled_chunks(ms, sm.rows, sm.cols, sm.chunk_rows, seed + k,
                                           sm.device, centre), sm.cols, amax, dtype)
-            for k in range(r.shuffles(sm.cols))]
+            for k in range(r.shuffles(sm.cols) if count is None else count)]
 
 
 def streamed_traps(sm: StreamedMatrix, ms: Multiset, evals: torch.Tensor, opts: AuditOptions,
@@ -267,9 +268,10 @@ def spectra(job: MatrixJob, row, reason: str, opts: AuditOptions, device: torch.
         if opts.randomize:
             seed = int(torch.randint(2**62, (1,),
                                      generator=analysis.matrix_generator(opts.seed, job.name)))
-            esds = shuffled_esds(sm, ms, opts.trap_rule, seed, dtype)
             from .rules import RULES
-            used = esds if RULES[opts.trap_rule].name == "ww" else esds[:1]
-            rand = tuple(sorted(torch.cat(used).tolist()))
+
+            n = RULES[opts.trap_rule].figure_shuffles(sm.cols)
+            esds = shuffled_esds(sm, ms, opts.trap_rule, seed, dtype, count=n)
+            rand = tuple(sorted(torch.cat(esds).tolist()))
     sub = None if traps is None else traps[traps["name"] == job.name]
     return spectra_record(evals, rand, (sm.rows, sm.cols), row, reason, sub)

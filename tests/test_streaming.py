@@ -1,6 +1,7 @@
 """Streamed analysis of matrices too large to decode whole (llm_audit/streaming.py): the same
 spectral answers as the decoded path, an exact multiset shuffle, planted traps found."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,7 @@ def test_streams_decides_by_size_dtype_and_shape(ckpt, monkeypatch):
     monkeypatch.setattr(streaming, "STREAM_NUMEL", ROWS * COLS)
     assert streaming.streams(job)
     info = job.parts[0]
-    f32 = MatrixJob(job.name, None, "embed_tokens", "dense",
-                    (type(info)(**{**info.__dict__, "dtype": "F32"}),))
+    f32 = dataclasses.replace(job, parts=(dataclasses.replace(info, dtype="F32"),))
     assert not streaming.streams(f32)  # 2^32 values: no small multiset
 
 
