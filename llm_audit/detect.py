@@ -99,17 +99,19 @@ def stack_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str, generator: t
 
 
 def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int, threshold: float,
-             generator: torch.Generator, moments: tuple[float, float], *,
-             remove_mean: bool) -> Anatomy:
+                 generator: torch.Generator, moments: tuple[float, float], *,
+                 remove_mean: bool, triplets: tuple | None = None) -> Anatomy:
     """The anatomy of a matrix's traps (none: nothing to compute), counted in float64 against
-    the rule's threshold."""
+    the rule's threshold; `triplets`: the rule's own top singular triplets of its one shuffle
+    (`top_above_triplets`), not sketched again."""
     if num_traps == 0:
         return anatomy.NO_TRAPS
+
     def count(S: torch.Tensor) -> int:
         return int((top_above(S, threshold, generator, torch.float64) > threshold).sum())
     return anatomy.trap_anatomy(W, perms, count=count, threshold=threshold, mean=moments[0],
-                                known=num_traps,
-                                remove_mean=remove_mean, generator=generator)
+                                known=num_traps, remove_mean=remove_mean, generator=generator,
+                                triplets=triplets)
 
 
 def top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,
@@ -124,6 +126,19 @@ def top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,
                                    threshold=threshold).double()
         if float(top[-1]) <= threshold or k >= M:
             return top
+        k = min(2 * k, M)
+
+
+def top_above_triplets(S: torch.Tensor, threshold: float, generator: torch.Generator,
+                       dtype: torch.dtype, k: int = TW_TOP_K):
+    """`top_above` (the same values) and the singular triplets (U, s, V) of S they came with,
+    for a matrix of M >= RSVD_MIN_M (`rsvd.top_triplets_above`)."""
+    M = min(S.shape)
+    while True:
+        top, triplets = rsvd.top_triplets_above(S, k, generator=generator, dtype=dtype,
+                                                threshold=threshold)
+        if float(top[-1]) <= threshold or k >= M:
+            return top, triplets()
         k = min(2 * k, M)
 
 

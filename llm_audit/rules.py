@@ -115,20 +115,32 @@ def _tw_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
                                      threshold=thresholds).double()
     out = []
     for b, (edge, threshold) in enumerate(edges):
-        if first is None:
-            top = detect.top_above(S[b], threshold, generators[b], dtype)
-        elif float(first[b, -1]) > threshold:  # more than TW_TOP_K traps: sketch wider
-            top = detect.top_above(S[b], threshold, generators[b], dtype, k=2 * detect.TW_TOP_K)
-        else:
-            top = first[b]
+        top, trip = _tw_top(S[b], threshold, generators[b], dtype, None if first is None
+                            else first[b])
         decided_in = dtype
         if policy.redo(dtype, detect.near(top, threshold, detect.eig_err(top))):
-            top = detect.top_above(S[b], threshold, generators[b], torch.float64)
+            top, trip = _tw_top(S[b], threshold, generators[b], torch.float64, None)
             decided_in = torch.float64
         r = _tw_result(top, edge, threshold, precision_name(decided_in))
         out.append(dataclasses.replace(r, anatomy=detect.trap_anatomy(
-            W[b], [perm], r.num_traps, threshold, generators[b], moments[b], remove_mean=True)))
+            W[b], [perm], r.num_traps, threshold, generators[b], moments[b], remove_mean=True,
+            triplets=trip)))
     return out
+
+
+def _tw_top(S: torch.Tensor, threshold: float, generator: torch.Generator, dtype: torch.dtype,
+            first: torch.Tensor | None):
+    """(the top of SᵀS down past the threshold, its singular triplets or None) for one matrix:
+    from the batch's sketch `first` when it reaches below the threshold; on CPU (`first` None)
+    at M >= RSVD_MIN_M with the triplets, which the anatomy then reuses."""
+    _, detect, _, _, _ = _imports()
+    if first is not None and float(first[-1]) <= threshold:
+        return first, None
+    if first is not None:  # more than TW_TOP_K traps: sketch wider
+        return detect.top_above(S, threshold, generator, dtype, k=2 * detect.TW_TOP_K), None
+    if min(S.shape) < detect.RSVD_MIN_M:
+        return detect.top_above(S, threshold, generator, dtype), None
+    return detect.top_above_triplets(S, threshold, generator, dtype)
 
 
 def _tw_result(top: torch.Tensor, edge: float, threshold: float, precision: str) -> TrapResult:

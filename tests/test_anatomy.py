@@ -162,3 +162,23 @@ def test_weyl_shortcut_skips_the_centred_count_and_changes_nothing(gauss, monkey
                         lambda S0, s, n_all, count, mean, threshold: count(S0))
     slow = _row(W, "ww")
     assert fast.traps == slow.traps and _classes(fast) == _classes(slow) == (0, 2, 0)
+
+
+def test_tw_anatomy_at_sketch_size_reuses_the_counts_vectors(gen, monkeypatch):
+    """M >= RSVD_MIN_M: the tw count's Krylov sketch also gives the anatomy's singular vectors
+    (no second sketch: the anatomy's own is never called), so the largest trap's eigenvalue is
+    the rule's max_rand_eval; the planted entries are still found and named."""
+    from llm_audit import anatomy
+    from llm_audit.detect import RSVD_MIN_M
+
+    def no_sketch(*args, **kwargs):
+        raise AssertionError("the anatomy sketched the shuffle again")
+    monkeypatch.setattr(anatomy, "_triplets", no_sketch)
+    W = torch.randn(RSVD_MIN_M + 76, RSVD_MIN_M, generator=gen, dtype=torch.float64)
+    planted = {(3, 5): 150.0, (700, 10): 160.0, (20, 1000): 170.0}
+    for (i, j), value in planted.items():
+        W[i, j] = value
+    r = _row(W, "tw")
+    assert r.rand_num_spikes == 3 and _classes(r) == (0, 3, 0)
+    assert set(r.outliers) == set(planted)
+    assert r.traps[0].eigenvalue == pytest.approx(r.max_rand_eval, rel=1e-14)

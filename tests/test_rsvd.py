@@ -146,3 +146,25 @@ def test_thresholded_batch_member_equals_the_matrix_alone():
         alone = top_eigenvalues(X[b], 16, generator=torch.Generator().manual_seed(20 + b),
                                 dtype=torch.float32, threshold=float(thr[b]))
         torch.testing.assert_close(batch[b], alone, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triplets_above_share_the_values_and_give_the_spikes_vectors(wide, dtype):
+    """top_triplets_above: the values are top_eigenvalues' (same sketch, bit for bit), and the
+    vectors are the planted spikes' singular pairs: W v = s u, Wᵀ u = s v."""
+    W = spiked(0)
+    W = W.T.contiguous() if wide else W
+    thr = 2.5 ** 2  # between the bulk (top ~1.87) and the smallest spike (~3.1)
+    top, triplets = rsvd.top_triplets_above(W, 4, generator=torch.Generator().manual_seed(1),
+                                            dtype=dtype, threshold=thr)
+    same = top_eigenvalues(W, 4, generator=torch.Generator().manual_seed(1), dtype=dtype,
+                           threshold=thr)
+    assert torch.equal(top, same)
+    U, s, V = triplets()
+    assert U.shape == (W.shape[0], 4) and V.shape == (W.shape[1], 4) and s.shape == (4,)
+    assert torch.equal(s, top.sqrt())
+    tol = 1e-6 if dtype == torch.float64 else 1e-4  # residuals: ~√ of the values' error
+    for j in range(3):  # the spikes (the 4th, a bulk edge value, is not converged)
+        assert float(torch.linalg.vector_norm(W @ V[:, j] - s[j] * U[:, j])) < tol * float(s[j])
+        assert float(torch.linalg.vector_norm(W.T @ U[:, j] - s[j] * V[:, j])) < tol * float(s[j])
