@@ -48,6 +48,8 @@ HALF_MASS_TOP = 1 << 20
 EXACT_MAX_M = 1024  # below this a full SVD of S is cheaper than a sketch
 
 Counter = Callable[[torch.Tensor], int]  # number of eigenvalues of SᵀS above the threshold
+# the same count and the top singular triplets (U, s, V) of S it found them with, or None
+TripletCounter = Callable[[torch.Tensor], tuple[int, tuple | None]]
 
 
 @dataclass(frozen=True)
@@ -127,14 +129,18 @@ def _lower_median(x: torch.Tensor) -> float:
 
 def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], *, count: Counter,
                  threshold: float, mean: float, remove_mean: bool, generator: torch.Generator,
-                 known: int | None = None, triplets: tuple | None = None) -> Anatomy:
+                 known: int | None = None, triplets: tuple | None = None,
+                 top: torch.Tensor | None = None,
+                 count_triplets: TripletCounter | None = None) -> Anatomy:
     """Anatomy of the traps of W (rows, cols) over its shuffles ``perms`` (flat permutations,
     one per shuffle: WeightWatcher pools several for small matrices). ``count(S)`` counts the
     eigenvalues of SᵀS above the rule's ``threshold``; ``remove_mean``: the rule subtracts the
     entries' mean before counting (then no trap is of class ``mean``); ``known``: the rule's
     own count when there is one shuffle (saves recounting it); ``triplets``: (U, s, V), at
     least ``known`` top singular triplets of that one shuffle as the rule counted it (centred
-    when ``remove_mean``), so they are not sketched again."""
+    when ``remove_mean``), so they are not sketched again; ``top``: the rule's top eigenvalues
+    of that shuffle (descending; rules that keep the mean), at least ``known`` + 1 of them;
+    ``count_triplets``: ``count`` that also returns the triplets it found them with."""
     level = clip_level(W, generator)
     found: list[tuple[_Found, torch.Tensor]] = []
     for perm in perms:
@@ -143,7 +149,8 @@ def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], *, count: Count
         found += [(f, perm) for f in _one_shuffle(
             S, S - mean, count, level, remove_mean=remove_mean, generator=generator, mean=mean,
             threshold=threshold, known=known if len(perms) == 1 else None,
-            triplets=triplets if len(perms) == 1 and remove_mean else None)]
+            triplets=triplets if len(perms) == 1 and remove_mean else None,
+            top=top if len(perms) == 1 else None, count_triplets=count_triplets)]
     found.sort(key=lambda fp: -fp[0].eigenvalue)
     cols = W.shape[1]
     traps = tuple(TrapInfo(trap=n + 1, eigenvalue=f.eigenvalue, cls=f.cls,
@@ -161,56 +168,93 @@ def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], *, count: Count
 
 def _one_shuffle(S: torch.Tensor, S0: torch.Tensor, count: Counter, level: float, *,
                  remove_mean: bool, generator: torch.Generator, mean: float, threshold: float,
-                 known: int | None = None, triplets: tuple | None = None) -> list[_Found]:
+                 known: int | None = None, triplets: tuple | None = None,
+                 top: torch.Tensor | None = None,
+                 count_triplets: TripletCounter | None = None) -> list[_Found]:
     """The traps of one shuffle S (S0 = S − mean), classed and localised; ``known``: the rule's
-    own count for this shuffle (not recounted); ``triplets``: base's top triplets, if known."""
+    own count for this shuffle (not recounted); ``triplets``: base's top triplets, if known;
+    ``top``: the rule's top eigenvalues of SᵀS (descending, mean kept), if known;
+    ``count_triplets``: a count that also returns the triplets it found (or None)."""
     base = S0 if remove_mean else S
     n_all = count(base) if known is None else known
     if n_all == 0:
         return []
-    if triplets is not None and triplets[1].numel() >= n_all + (not remove_mean):
-        U, s, V = (t.to(S.device, torch.float64) for t in triplets)
+    if remove_mean:
+        ok = triplets is not None and triplets[1].numel() >= n_all
+        U, s, V = _as64(triplets, S) if ok else _triplets(S0, n_all, generator)
+        U0, s0, V0 = U, s, V
+        n_mean, n_rest, evs = 0, n_all, [float(x) ** 2 for x in s[:n_all]]
     else:
-        U, s, V = _triplets(base, n_all + (not remove_mean), generator)
-    n_rest = n_all if remove_mean else _centred_count(S0, s, n_all, count, mean, threshold)
-    # a rank-1 change (the mean) moves the count by at most one, either way: centring can even
-    # add a trap; the rule's own count is n_all, of which at most one is the mean's
-    n_mean = min(1, max(0, n_all - n_rest))
+        U, s, V, n_mean, n_rest, evs, trip0 = _split_mean(
+            S, S0, n_all, count, count_triplets, generator, mean, threshold, top)
+        n_cls = n_all - n_mean
+        ok = trip0 is not None and trip0[1].numel() >= n_cls
+        U0, s0, V0 = _as64(trip0, S) if ok else (
+            _triplets(S0, n_cls, generator) if n_cls else (None, None, None))
     n_cls = n_all - n_mean  # traps classed entries / tail
-    U, s, V = U[:, :n_all], s[:n_all], V[:, :n_all]
     found = []
     handful = _count_beyond(S0, level) <= CLIP_K * max(n_cls, 1)
-    evs = [float(x) ** 2 for x in s]  # the traps' eigenvalues, of the rule's own matrix
     buf = torch.empty_like(S0)  # every trap's contributions, in turn
     if n_mean:
         j = int(torch.argmax(U.sum(0).abs() * V.sum(0).abs()))
         found.append(_Found(evs.pop(j), "mean", *_localise(_contributions(base, U[:, j], V[:, j],
                                                                            buf)),
                             sigma=float(s[j]), u=U[:, j], v=V[:, j], outliers=()))
-    if n_cls:  # the other traps' vectors come from S0, where the mean's spike is gone
-        U0, s0, V0 = (U, s, V) if remove_mean else _triplets(S0, n_cls, generator)
-        for t in range(n_cls):
-            c = _contributions(S0, U0[:, t], V0[:, t], buf)
-            half, top = _localise(c)
-            # the clipping test only when the outliers are a handful (otherwise `tail` anyway):
-            # it costs a count, i.e. an eigen-solve, per trap
-            drops = handful and count(clipped := _clip_top(S0, c, level)) < n_rest
-            changed = tuple(int(i) for i in _changed(S0, clipped)) if drops else ()
-            found.append(_Found(evs[t], "entries" if drops else "tail", half, top,
-                                sigma=float(s0[t]), u=U0[:, t], v=V0[:, t], outliers=changed))
+    for t in range(n_cls):  # the other traps' vectors come from S0, where the mean's is gone
+        c = _contributions(S0, U0[:, t], V0[:, t], buf)
+        half, top_idx = _localise(c)
+        # the clipping test only when the outliers are a handful (otherwise `tail` anyway):
+        # it costs a count, i.e. an eigen-solve, per trap
+        drops = handful and count(clipped := _clip_top(S0, c, level)) < n_rest
+        changed = tuple(int(i) for i in _changed(S0, clipped)) if drops else ()
+        found.append(_Found(evs[t], "entries" if drops else "tail", half, top_idx,
+                            sigma=float(s0[t]), u=U0[:, t], v=V0[:, t], outliers=changed))
     return found
 
 
-def _centred_count(S0: torch.Tensor, s: torch.Tensor, n_all: int, count: Counter,
-                   mean: float, threshold: float) -> int:
-    """count(S0), skipped when Weyl's inequality settles it: S0 = S − mean·11ᵀ moves every
-    singular value of S by at most ‖mean·11ᵀ‖₂ = |mean|·√(rows·cols), so when the smallest
-    trap's s[n_all−1] and the largest non-trap's s[n_all] (s: S's top n_all + 1) are both
-    farther than that from √τ, no eigenvalue of S0ᵀS0 crosses τ."""
+def _split_mean(S, S0, n_all, count, count_triplets, generator, mean, threshold, top):
+    """Under a rule that keeps the mean: (U, s, V of S's top n_all (None when not needed),
+    n_mean, n_rest = count(S0), the traps' eigenvalues, S0's triplets if a count gave them).
+    S's own sketch is needed only to find the mean's trap; with the rule's `top` values the
+    traps' eigenvalues and the Weyl test come from them instead."""
+    want = n_all + 1
+    U = s = V = None
+    if top is not None and top.numel() >= want:
+        s_top = top[:want].to(torch.float64).clamp_min(0).sqrt()
+    else:
+        U, s, V = _triplets(S, want, generator)
+        s_top = s
+    if count_triplets is None:
+        def count_triplets(X: torch.Tensor):
+            return count(X), None
+    n_rest, trip0 = _centred_count(S0, s_top, n_all, count_triplets, mean, threshold)
+    # a rank-1 change (the mean) moves the count by at most one, either way: centring can even
+    # add a trap; the rule's own count is n_all, of which at most one is the mean's
+    n_mean = min(1, max(0, n_all - n_rest))
+    if n_mean and U is None:
+        U, s, V = _triplets(S, want, generator)
+    evs = [float(x) ** 2 for x in s_top[:n_all]]
+    if U is not None:
+        U, s, V = U[:, :n_all], s[:n_all], V[:, :n_all]
+    return U, s, V, n_mean, n_rest, evs, trip0
+
+
+def _as64(triplets: tuple, like: torch.Tensor) -> tuple:
+    return tuple(t.to(like.device, torch.float64) for t in triplets)
+
+
+def _centred_count(S0: torch.Tensor, s: torch.Tensor, n_all: int,
+                   count_triplets: TripletCounter, mean: float,
+                   threshold: float) -> tuple[int, tuple | None]:
+    """count(S0) (and the triplets that count found, if any), skipped when Weyl's inequality
+    settles it: S0 = S − mean·11ᵀ moves every singular value of S by at most
+    ‖mean·11ᵀ‖₂ = |mean|·√(rows·cols), so when the smallest trap's s[n_all−1] and the largest
+    non-trap's s[n_all] (s: S's top n_all + 1) are both farther than that from √τ, no
+    eigenvalue of S0ᵀS0 crosses τ."""
     shift, edge = abs(mean) * math.sqrt(S0.numel()), math.sqrt(threshold)
     if len(s) > n_all and float(s[n_all - 1]) - shift > edge and float(s[n_all]) + shift < edge:
-        return n_all
-    return count(S0)
+        return n_all, None
+    return count_triplets(S0)
 
 
 def _triplets(S: torch.Tensor, k: int, generator: torch.Generator):

@@ -100,18 +100,28 @@ def stack_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str, generator: t
 
 def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int, threshold: float,
                  generator: torch.Generator, moments: tuple[float, float], *,
-                 remove_mean: bool, triplets: tuple | None = None) -> Anatomy:
+                 remove_mean: bool, triplets: tuple | None = None,
+                 top: torch.Tensor | None = None) -> Anatomy:
     """The anatomy of a matrix's traps (none: nothing to compute), counted in float64 against
     the rule's threshold; `triplets`: the rule's own top singular triplets of its one shuffle
-    (`top_above_triplets`), not sketched again."""
+    (`top_above_triplets`), not sketched again; `top`: the rule's own top eigenvalues of it
+    (descending)."""
     if num_traps == 0:
         return anatomy.NO_TRAPS
 
     def count(S: torch.Tensor) -> int:
         return int((top_above(S, threshold, generator, torch.float64) > threshold).sum())
+
+    def count_triplets(S: torch.Tensor) -> tuple[int, tuple | None]:
+        if min(S.shape) < RSVD_MIN_M:
+            return count(S), None
+        # the centred count is within one of the rule's: one sketch wide enough for it
+        vals, trip = top_above_triplets(S, threshold, generator, torch.float64,
+                                        k=max(TW_TOP_K, num_traps + 2))
+        return int((vals > threshold).sum()), trip
     return anatomy.trap_anatomy(W, perms, count=count, threshold=threshold, mean=moments[0],
                                 known=num_traps, remove_mean=remove_mean, generator=generator,
-                                triplets=triplets)
+                                triplets=triplets, top=top, count_triplets=count_triplets)
 
 
 def top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,

@@ -74,9 +74,10 @@ def _ww_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
             fit = mp.mp_fit(pooled, N, M)
             decided_in = torch.float64
         r = _ww_result(pooled, fit, evals[b], pooled[:M], precision_name(decided_in))
+        top = torch.sort(pooled, descending=True).values if reps == 1 else None
         out.append(dataclasses.replace(r, anatomy=detect.trap_anatomy(
             W[b], perms, fit.num_spikes, fit.threshold, generators[b], moments[b],
-            remove_mean=False)))
+            remove_mean=False, top=top)))
     return out
 
 

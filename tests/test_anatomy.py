@@ -182,3 +182,27 @@ def test_tw_anatomy_at_sketch_size_reuses_the_counts_vectors(gen, monkeypatch):
     assert r.rand_num_spikes == 3 and _classes(r) == (0, 3, 0)
     assert set(r.outliers) == set(planted)
     assert r.traps[0].eigenvalue == pytest.approx(r.max_rand_eval, rel=1e-14)
+
+
+def test_ww_anatomy_at_sketch_size_sketches_only_for_the_mean(gen, monkeypatch):
+    """M >= RSVD_MIN_M under ww: the traps' eigenvalues come from the rule's shuffled ESD, the
+    centred count's sketch gives the other traps' vectors, and the shuffle itself is sketched
+    once, only to find the mean's trap; planted entries and the mean's spike are both found."""
+    from llm_audit import anatomy
+    from llm_audit.detect import RSVD_MIN_M
+    calls = []
+    real = anatomy._triplets
+
+    def counted(S, k, generator):
+        calls.append(k)
+        return real(S, k, generator)
+    monkeypatch.setattr(anatomy, "_triplets", counted)
+    W = torch.randn(RSVD_MIN_M + 76, RSVD_MIN_M, generator=gen, dtype=torch.float64) + 0.1
+    planted = {(3, 5): 150.0, (700, 10): 160.0, (20, 1000): 170.0}
+    for (i, j), value in planted.items():
+        W[i, j] = value
+    r = _row(W, "ww")
+    assert r.rand_num_spikes == 4 and _classes(r) == (1, 3, 0)
+    assert set(r.outliers) == set(planted)
+    assert calls == [5]  # S's top n_all + 1, for the mean; none for the entries traps
+    assert r.traps[0].eigenvalue == pytest.approx(r.max_rand_eval, rel=1e-14)

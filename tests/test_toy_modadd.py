@@ -101,8 +101,9 @@ def test_cli_parses_the_documented_flags(tmp_path):
 
     args = _parser().parse_args(["modadd", "--preset", "quick", "--out", str(tmp_path),
                                  "--steps", "7", "--seed", "3", "--device", "cpu", "--p", "31",
-                                 "--train-frac", "0.4"])
+                                 "--train-frac", "0.4", "--compile"])
     assert (args.experiment, args.preset, args.steps, args.seed) == ("modadd", "quick", 7, 3)
+    assert args.compile
     pr = mt.preset_with(args.preset, steps=args.steps, p=args.p, train_frac=args.train_frac)
     assert (pr.p, pr.train_frac, pr.steps, pr.ramp) == (31, 0.4, 7, (2_000, 6_000, 2e-2))
 
@@ -141,3 +142,17 @@ def test_ensemble_cli_writes_one_folder_per_member(tmp_path):
         h = pd.read_csv(tmp_path / name / "history.csv")
         assert h["step"].iloc[-1] == 30 and list(h.columns) == HISTORY
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_compiled_training_loss_gives_the_plain_gradients():
+    """--compile: torch.compile'd forward + loss, same loss and gradients to float32 round-off."""
+    run = mt.Run(preset=mt.PRESETS["smoke"], out=None)
+    data, model, _ = mt.setup(run)
+    grads = []
+    for compiled in (False, True):
+        model.zero_grad()
+        loss = mt.training_loss(model, compiled)(data.train_x, data.train_y)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, comp in zip(*grads, strict=True):
+        torch.testing.assert_close(comp, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))

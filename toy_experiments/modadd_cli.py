@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--p", type=int, default=None, help="override the preset's modulus")
     m.add_argument("--train-frac", type=float, default=None,
                    help="override the preset's fraction of the p² pairs used for training")
+    m.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step's forward + loss (1.4x steps/s on "
+                        "CPU; same gradients to float32 round-off, not bit-equal)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = mt.preset_with(args.preset, steps=args.steps, p=args.p, train_frac=args.train_frac)
-    r = mt.Run(preset=preset, out=args.out, seed=args.seed, device=device(args.device))
+    r = mt.Run(preset=preset, out=args.out, seed=args.seed, device=device(args.device),
+               compile=args.compile)
     print(f"modadd preset={args.preset} {preset} seed={args.seed} device={r.device} "
           f"out={args.out}", flush=True)
     t0 = time.perf_counter()
