@@ -8,6 +8,7 @@ included): WeightWatcher 0.7.7 ``analyze(randomize=True, mp_fit=True)`` (through
 precision, ``--format csv,json``), and in this process the floor: one float32
 ``torch.linalg.eigvalsh`` of a 2880² Gram matrix (the product included). Prints seconds per
 matrix, the ratios WW/ours and ours/floor, our stage columns, and the α/xmin/D agreement.
+`--no-anatomy` runs give WeightWatcher's answers only (trap counts, no classes or locations).
 
     python benchmarks/gptoss_width.py [--matrices 8] [--ww-python /work/wwvenv/bin/python]
 """
@@ -67,6 +68,8 @@ def floor_seconds(W: torch.Tensor, repeats: int = 3) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--matrices", type=int, default=8)
+    ap.add_argument("--configs", default="tw,ww,tw --no-anatomy,ww --no-anatomy",
+                    help="llm-audit runs, comma-separated: a trap rule and extra CLI flags")
     ap.add_argument("--ww-python", default=os.environ.get("WW_PYTHON", "/work/wwvenv/bin/python"))
     args = ap.parse_args()
     n = args.matrices
@@ -78,16 +81,17 @@ def main() -> None:
         ww_s = timed([args.ww_python, str(HERE / "ww_reference.py"), str(model),
                       f"{tmp}/ww.csv"])
         ours = {}
-        for rule in ("tw", "ww"):
-            ours[rule] = timed([sys.executable, "-m", "llm_audit", str(model), "--out",
-                                f"{tmp}/{rule}", "--trap-rule", rule, "--format", "csv,json",
-                                "-q"])
+        for k, config in enumerate(args.configs.split(",")):
+            rule, *extra = config.split()
+            ours[config] = (f"{tmp}/ours{k}", timed(
+                [sys.executable, "-m", "llm_audit", str(model), "--out", f"{tmp}/ours{k}",
+                 "--trap-rule", rule, *extra, "--format", "csv,json", "-q"]))
         ww = pd.read_csv(f"{tmp}/ww.csv").set_index("name")
         print(f"{n} BF16 matrices {N}x{N}; cores {os.cpu_count()}; whole processes")
         print(f"floor (one float32 eigvalsh of a {N}^2 Gram, product included): {floor:.2f} s")
         print(f"WeightWatcher 0.7.7: {ww_s:.1f} s = {ww_s / n:.2f} s/matrix")
-        for rule, sec in ours.items():
-            d = pd.read_csv(f"{tmp}/{rule}/layers.csv").set_index("name")
+        for rule, (folder, sec) in ours.items():
+            d = pd.read_csv(f"{folder}/layers.csv").set_index("name")
             per = sec / n
             stages = {c: d[c].mean() for c in ("eigen_seconds", "fit_seconds", "trap_seconds")}
             both = d.index.intersection(ww.index)

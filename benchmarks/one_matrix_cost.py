@@ -1,7 +1,7 @@
 """Stage costs of one heavy-tailed 2880² matrix (gptoss_width.heavy_tailed) against the floor
 (one float32 Gram + eigvalsh), in this process, one thread; `--profile` adds cProfile's top.
 
-    python benchmarks/one_matrix_cost.py [--rule tw] [--seed 0] [--profile]
+    python benchmarks/one_matrix_cost.py [--rule tw] [--seed 0] [--profile] [--no-anatomy]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--rule", default="tw")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-anatomy", action="store_true", help="counts only (AuditOptions)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     W = heavy_tailed(a.seed).float()
@@ -33,7 +34,7 @@ def main() -> None:
     if prof:
         prof.enable()
     r = analyse_matrix(W, MatrixMeta("m", 0, "q_proj", None, "BF16"),
-                       AuditOptions(device="cpu", trap_rule=a.rule))
+                       AuditOptions(device="cpu", trap_rule=a.rule, anatomy=not a.no_anatomy))
     if prof:
         prof.disable()
     print(f"floor {floor:.2f} s; ours {r.seconds:.2f} s ({r.seconds / floor:.1f}x): eigen "

@@ -93,6 +93,14 @@ class Anatomy:
 NO_TRAPS = Anatomy(traps=(), trap_entries=0, trap_rows=0, trap_cols=0, outliers=())
 
 
+def unclassified(trap_evals: Sequence[float]) -> Anatomy:
+    """The traps as counted, not classed or located (class ``unclassified``): a streamed
+    matrix's, or any with ``--no-anatomy``. `trap_evals`: their eigenvalues, largest first."""
+    traps = tuple(TrapInfo(trap=i + 1, eigenvalue=float(v), cls="unclassified",
+                           half_mass_entries=0, entries=()) for i, v in enumerate(trap_evals))
+    return Anatomy(traps=traps, trap_entries=0, trap_rows=0, trap_cols=0, outliers=())
+
+
 @dataclass(frozen=True)
 class _Found:
     eigenvalue: float

@@ -84,18 +84,18 @@ def stack_traps(W: torch.Tensor, evals: torch.Tensor, *, rule: str, generator: t
                 generators: Sequence[torch.Generator],
                 moments: Sequence[tuple[float, float]],
                 dtype: torch.dtype = torch.float64,
-                policy: PrecisionPolicy = AUTO) -> list[TrapResult]:
+                policy: PrecisionPolicy = AUTO, anatomy: bool = True) -> list[TrapResult]:
     """Traps of B equal-shaped matrices W (B, rows, cols) at once. `evals` (B, M): their ESDs;
     `generator` draws the shuffle shared by the stack, `generators[b]` matrix b's sketches;
     `moments[b]` = (mean, variance) of matrix b's entries; `dtype`: the eigen precision;
     `policy` decides whether a float32 count within round-off of its threshold is redone in
-    float64 (``auto`` only)."""
+    float64 (``auto`` only); `anatomy`: class and locate the traps (else `unclassified`)."""
     from .rules import RULES  # the registry; its rules use this module's helpers
 
     if rule not in RULES:
         raise ValueError(f"unknown trap rule {rule!r}")
     return RULES[rule].traps(W, evals, generator=generator, generators=generators,
-                             moments=moments, dtype=dtype, policy=policy)
+                             moments=moments, dtype=dtype, policy=policy, anatomy=anatomy)
 
 
 def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int, threshold: float,

@@ -25,7 +25,7 @@ from .routing import MatrixJob
 log = logging.getLogger(__name__)
 PARTIAL_DIR = ".partial"
 ROWS_FILE = "rows.jsonl"
-_RESULT_OPTIONS = ("seed", "randomize", "trap_rule", "fix_fingers", "precision")
+_RESULT_OPTIONS = ("seed", "randomize", "trap_rule", "anatomy", "fix_fingers", "precision")
 
 
 def job_key(job: MatrixJob, opts: AuditOptions) -> str:

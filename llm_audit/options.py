@@ -41,6 +41,9 @@ class AuditOptions:
     seed: int = _opt(0, "Seed of the shuffles.")
     randomize: bool = _opt(True, "Skip the correlation-trap analysis.", negated="--no-randomize")
     trap_rule: str = _opt("ww", "", choices=TRAP_RULES)  # help: rules.rules_help()
+    anatomy: bool = _opt(True, "Count the traps without classing or locating them (class "
+                         "'unclassified', as WeightWatcher reports traps): about half the trap "
+                         "stage on heavy-tailed matrices.", negated="--no-anatomy")
     fix_fingers: str = _opt("none", "WeightWatcher's finger clipping of the alpha fit.",
                             choices=FIX_FINGERS)
     # auto: float32, redone in float64 for a matrix whose float32 answer (xmin choice, a trap

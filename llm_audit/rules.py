@@ -56,7 +56,8 @@ def _imports():
 
 def _ww_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generator,
               generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
-              dtype: torch.dtype, policy: PrecisionPolicy) -> list[TrapResult]:
+              dtype: torch.dtype, policy: PrecisionPolicy,
+              anatomy: bool = True) -> list[TrapResult]:
     """WeightWatcher's rule: MP fit of the shuffled ESD, traps above bulk_max + √s_TW."""
     torch, detect, mp, rsvd, spectral = _imports()
     N, M = max(W.shape[-2:]), min(W.shape[-2:])
@@ -74,11 +75,19 @@ def _ww_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
             fit = mp.mp_fit(pooled, N, M)
             decided_in = torch.float64
         r = _ww_result(pooled, fit, evals[b], pooled[:M], precision_name(decided_in))
+        if not anatomy:
+            out.append(dataclasses.replace(r, anatomy=_unclassified(r.trap_evals[:r.num_traps])))
+            continue
         top = torch.sort(pooled, descending=True).values if reps == 1 else None
         out.append(dataclasses.replace(r, anatomy=detect.trap_anatomy(
             W[b], perms, fit.num_spikes, fit.threshold, generators[b], moments[b],
             remove_mean=False, top=top)))
     return out
+
+
+def _unclassified(trap_evals):
+    from .anatomy import unclassified  # torch: not at import (the CLI's --help uses this module)
+    return unclassified(trap_evals)
 
 
 def _ww_result(pooled: torch.Tensor, fit, evals: torch.Tensor, first: torch.Tensor,
@@ -96,7 +105,8 @@ def _ww_result(pooled: torch.Tensor, fit, evals: torch.Tensor, first: torch.Tens
 
 def _tw_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generator,
               generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
-              dtype: torch.dtype, policy: PrecisionPolicy) -> list[TrapResult]:
+              dtype: torch.dtype, policy: PrecisionPolicy,
+              anatomy: bool = True) -> list[TrapResult]:
     """Tracy–Widom rule: exact MP edge from the entries' variance (known for a shuffled matrix),
     traps above the TW₁ 99.9% quantile; the mean is removed first (its rank-1 spike is reported
     separately as `mean_spike`). Only the top of the spectrum is needed: for M >= RSVD_MIN_M a
@@ -117,29 +127,29 @@ def _tw_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
     out = []
     for b, (edge, threshold) in enumerate(edges):
         top, trip = _tw_top(S[b], threshold, generators[b], dtype, None if first is None
-                            else first[b])
+                            else first[b], anatomy)
         decided_in = dtype
         if policy.redo(dtype, detect.near(top, threshold, detect.eig_err(top))):
-            top, trip = _tw_top(S[b], threshold, generators[b], torch.float64, None)
+            top, trip = _tw_top(S[b], threshold, generators[b], torch.float64, None, anatomy)
             decided_in = torch.float64
         r = _tw_result(top, edge, threshold, precision_name(decided_in))
         out.append(dataclasses.replace(r, anatomy=detect.trap_anatomy(
             W[b], [perm], r.num_traps, threshold, generators[b], moments[b], remove_mean=True,
-            triplets=trip)))
+            triplets=trip) if anatomy else _unclassified(r.trap_evals[:r.num_traps])))
     return out
 
 
 def _tw_top(S: torch.Tensor, threshold: float, generator: torch.Generator, dtype: torch.dtype,
-            first: torch.Tensor | None):
+            first: torch.Tensor | None, vectors: bool = True):
     """(the top of SᵀS down past the threshold, its singular triplets or None) for one matrix:
     from the batch's sketch `first` when it reaches below the threshold; on CPU (`first` None)
-    at M >= RSVD_MIN_M with the triplets, which the anatomy then reuses."""
+    at M >= RSVD_MIN_M with the triplets (if `vectors`), which the anatomy then reuses."""
     _, detect, _, _, _ = _imports()
     if first is not None and float(first[-1]) <= threshold:
         return first, None
     if first is not None:  # more than TW_TOP_K traps: sketch wider
         return detect.top_above(S, threshold, generator, dtype, k=2 * detect.TW_TOP_K), None
-    if min(S.shape) < detect.RSVD_MIN_M:
+    if min(S.shape) < detect.RSVD_MIN_M or not vectors:
         return detect.top_above(S, threshold, generator, dtype), None
     return detect.top_above_triplets(S, threshold, generator, dtype)
 
@@ -155,12 +165,13 @@ def _tw_result(top: torch.Tensor, edge: float, threshold: float, precision: str)
 
 def _perm_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generator,
                 generators: Sequence[torch.Generator], moments: Sequence[tuple[float, float]],
-                dtype: torch.dtype, policy: PrecisionPolicy) -> list[TrapResult]:
+                dtype: torch.dtype, policy: PrecisionPolicy,
+                anatomy: bool = True) -> list[TrapResult]:
     """The ``tw`` rule over PERM_SHUFFLES independent shuffles (drawn one after the other
     from `generator`): each matrix's count is the lower median of its counts; its other
     results (trap eigenvalues, anatomy) are those of the first shuffle with that count."""
     runs = [_tw_traps(W, evals, generator=generator, generators=generators, moments=moments,
-                      dtype=dtype, policy=policy) for _ in range(PERM_SHUFFLES)]
+                      dtype=dtype, policy=policy, anatomy=anatomy) for _ in range(PERM_SHUFFLES)]
     out = []
     for b in range(W.shape[0]):
         counts = [r[b].num_traps for r in runs]

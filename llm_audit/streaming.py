@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import analysis, detect, spectral
-from .anatomy import Anatomy, TrapInfo
+from .anatomy import unclassified
 from .decode import TORCH_DTYPES
 from .errors import AuditError, SpectralError
 from .options import AuditOptions
@@ -245,10 +245,7 @@ def streamed_traps(sm: StreamedMatrix, ms: Multiset, evals: torch.Tensor, opts: 
     if policy.redo(dtype, detect.near(pooled, tr.threshold, detect.eig_err(pooled))):
         esds = shuffled_esds(sm, ms, rule.name, seed, torch.float64)
         tr = rule.count_esd(esds, evals, sm.rows, sm.cols, moments, "float64")
-    traps = tuple(TrapInfo(trap=i + 1, eigenvalue=v, cls="unclassified", half_mass_entries=0,
-                           entries=()) for i, v in enumerate(tr.trap_evals[:tr.num_traps]))
-    an = Anatomy(traps=traps, trap_entries=0, trap_rows=0, trap_cols=0, outliers=())
-    return dataclasses.replace(tr, anatomy=an)
+    return dataclasses.replace(tr, anatomy=unclassified(tr.trap_evals[:tr.num_traps]))
 
 
 def spectra(job: MatrixJob, row, reason: str, opts: AuditOptions, device: torch.device,

@@ -206,3 +206,23 @@ def test_ww_anatomy_at_sketch_size_sketches_only_for_the_mean(gen, monkeypatch):
     assert set(r.outliers) == set(planted)
     assert calls == [5]  # S's top n_all + 1, for the mean; none for the entries traps
     assert r.traps[0].eigenvalue == pytest.approx(r.max_rand_eval, rel=1e-14)
+
+
+@pytest.mark.parametrize("rule", ["ww", "tw", "perm"])
+def test_no_anatomy_counts_the_same_traps_unclassified(gauss, rule):
+    """--no-anatomy (AuditOptions(anatomy=False)): the same count and trap eigenvalues, every
+    trap `unclassified`, no entries located, no class counted."""
+    W = gauss.clone()
+    for (i, j), value in PLANTED.items():
+        W[i, j] = value
+    full = _row(W, rule)
+    opts = AuditOptions(trap_rule=rule, device="cpu", anatomy=False)
+    bare = monitor_weights({"w.weight": W}, options=opts).layers[0]
+    assert bare.rand_num_spikes == full.rand_num_spikes == 5
+    assert [t.cls for t in bare.traps] == ["unclassified"] * 5
+    assert _classes(bare) == (0, 0, 0) and bare.outliers == ()
+    assert (bare.trap_entries, bare.trap_rows, bare.trap_cols) == (0, 0, 0)
+    assert all(t.entries == () and t.half_mass_entries == 0 for t in bare.traps)
+    if rule != "perm":  # perm's anatomy is of the first shuffle with the median count
+        assert [t.eigenvalue for t in bare.traps] == pytest.approx(
+            sorted((t.eigenvalue for t in full.traps), reverse=True), rel=1e-6)
