@@ -6,7 +6,9 @@
 #      machine's disk and audited end to end, with the 120b projection, stopped in time to report
 #      (--budget) so that the whole script stays within GPU_CHECK_BUDGET seconds;
 #   4. the modular-addition ensemble (10 members on the GPU, ENSEMBLE_MINUTES, default 6),
-#      written to $OUT/modadd_ensemble (resumable: copy it back and rerun to continue).
+#      written to $OUT/modadd_ensemble (resumable: copy it back and rerun to continue); its
+#      step is compiled as CUDA graphs (--compile auto; plain step if compilation fails, and
+#      tests/test_toy_modadd.py's gpu test checks it against the CPU step first).
 # Logs and gpu_gptoss.json go to $OUT if it is set (else /tmp). Exit status: 0 if both steps
 # passed, 1 if the tests failed (or none were selected), 2 if the benchmark failed or was cut
 # short, 3 if both; 4 is added if the ensemble failed.

@@ -156,3 +156,53 @@ def test_compiled_training_loss_gives_the_plain_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, comp in zip(*grads, strict=True):
         torch.testing.assert_close(comp, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))
+
+
+def test_compiled_ensemble_step_follows_the_plain_one(tmp_path):
+    """modadd-ensemble --compile on (on CUDA: auto, as CUDA graphs): the compiled stacked step
+    gives the plain step's parameters to float64 round-off; a failing compiled loss falls back
+    to the plain one."""
+    from dataclasses import replace
+
+    pr = replace(mt.preset_with("smoke", steps=5), dtype="float64")
+    members = (mt.Member(0, 1.0), mt.Member(1, 0.0))
+    trained = []
+    for compile in ("off", "on"):
+        ens = mt.Ensemble(members=members, preset=pr, out=tmp_path, compile=compile)
+        datas, params = mt.stacked_setup(ens)
+        tr = mt.Trainer(ens, params, datas)
+        assert (tr.loss is mt.stacked_loss) == (compile == "off")
+        for step in range(1, 4):
+            tr.step(step)
+        trained.append(params)
+    for name, t in trained[0].items():
+        torch.testing.assert_close(trained[1][name], t, rtol=1e-9, atol=1e-12)
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+    tr.loss = broken
+    tr.step(4)  # falls back
+    assert tr.loss is mt.stacked_loss
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_ensemble_step_matches_the_cpu_step(tmp_path):
+    """On CUDA the ensemble's step is compiled as CUDA graphs by default (compile="auto"): its
+    parameters after a few steps equal the plain CPU step's (float64)."""
+    from dataclasses import replace
+
+    pr = replace(mt.preset_with("smoke", steps=6), dtype="float64")
+    members = (mt.Member(0, 1.0), mt.Member(1, 0.0))
+    trained = []
+    for dev in ("cpu", "cuda"):
+        ens = mt.Ensemble(members=members, preset=pr, out=tmp_path, device=torch.device(dev))
+        datas, params = mt.stacked_setup(ens)
+        tr = mt.Trainer(ens, params, datas)
+        assert (tr.loss is mt.stacked_loss) == (dev == "cpu")
+        for step in range(1, 6):
+            tr.step(step)
+        assert tr.loss is not mt.stacked_loss or dev == "cpu"  # no fallback on CUDA
+        trained.append({n: t.detach().cpu() for n, t in params.items()})
+    for name, t in trained[0].items():
+        torch.testing.assert_close(trained[1][name], t, rtol=1e-7, atol=1e-10)

@@ -59,6 +59,9 @@ def add_ensemble_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     m.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the stacked step (auto: on CUDA only, as CUDA graphs; "
+                        "falls back to the plain step if compilation fails)")
 
 
 def ensemble_progress(members: tuple) -> Callable[[Resumed | Measured], None]:
@@ -83,7 +86,8 @@ def run_ensemble(args: argparse.Namespace) -> int:
     preset = replace(mt.preset_with(args.preset, steps=args.steps), dtype=args.dtype)
     members = tuple(mt.Member(int(s), float(w)) for w in args.weight_decays.split(",")
                     for s in args.seeds.split(","))
-    ens = mt.Ensemble(members=members, preset=preset, out=args.out, device=device(args.device))
+    ens = mt.Ensemble(members=members, preset=preset, out=args.out, device=device(args.device),
+                      compile=args.compile)
     print(f"modadd-ensemble {len(members)} members {[m.name for m in members]} {preset} "
           f"device={ens.device}", flush=True)
     t0 = time.perf_counter()
