@@ -54,21 +54,10 @@ class MatrixAccess:
     confounds: Callable[[], dict]  # entry statistics (`_confounds`)
 
 
-def dense_access(W: torch.Tensor, rank_bound: float = math.nan) -> MatrixAccess:
-    """`rank_bound`: the λ̂ up to which `spectral.esd_proving_rank` proved W full rank."""
+def dense_access(W: torch.Tensor) -> MatrixAccess:
     return MatrixAccess(N=max(W.shape), M=min(W.shape), esd64=lambda: spectral.esd(W),
-                        full_rank=lambda lmax: lmax <= rank_bound
-                        or spectral.full_rank(W, lmax),
+                        full_rank=lambda lmax: spectral.full_rank(W, lmax),
                         confounds=lambda: _confounds(W))
-
-
-def _rank_needs_float64(W: torch.Tensor, dtype: torch.dtype, opts: AuditOptions) -> bool:
-    """Whether the rank of these matrices will need a float64 Gram (`spectral_fields`): square
-    matrices (float32 cannot resolve their smallest eigenvalues) under `auto` on the CPU. Then
-    the float64 Gram is formed first and serves both (`spectral.esd_proving_rank`). On a GPU
-    float64 products are the expensive ones: not there."""
-    return (W.device.type == "cpu" and W.shape[-1] == W.shape[-2] and dtype == torch.float32
-            and opts.policy().redo(dtype, True))
 
 
 def matrix_generator(seed: int, name: str) -> torch.Generator:
@@ -125,12 +114,8 @@ def _analyse_batch(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOptions,
                    key: str) -> list[MatrixResult]:
     B, clock = len(metas), _Clock(W.device)
     dtype = opts.policy().first()
-    bounds = [math.nan] * B
     try:
-        if _rank_needs_float64(W, dtype, opts):
-            evals, bounds = spectral.esd_proving_rank(W, dtype=dtype)  # (B, M), float64
-        else:
-            evals = spectral.esd(W, dtype=dtype)  # (B, M), float64
+        evals = spectral.esd(W, dtype=dtype)  # (B, M), float64
     except torch.linalg.LinAlgError:  # float32 eigensolver did not converge: float64 decides
         if not opts.policy().redo(dtype, True):
             raise
@@ -138,7 +123,7 @@ def _analyse_batch(W: torch.Tensor, metas: list[MatrixMeta], opts: AuditOptions,
     t_eig = clock.lap()
     fields = []
     for b in range(B):
-        ev, out = spectral_fields(dense_access(W[b], bounds[b]), evals[b], opts, metas[b].name)
+        ev, out = spectral_fields(dense_access(W[b]), evals[b], opts, metas[b].name)
         evals[b] = ev
         fields.append(out)
     t_fit = clock.lap()

@@ -264,64 +264,6 @@ def full_rank(W: torch.Tensor, lmax: float) -> bool:
     return int(torch.linalg.cholesky_ex(G).info) == 0
 
 
-def esd_proving_rank(W: torch.Tensor, *, dtype: torch.dtype = torch.float32
-                     ) -> tuple[torch.Tensor, list[float]]:
-    """`esd(W, dtype=dtype)` of one matrix or a stack (B, M, M) of square ones, and for each a
-    full-rank proof made on the way: (evals, bounds), bounds[b] = λ̂ where the float64
-    Cholesky of G − RANK_MARGIN·λ̂·M·ε₆₄·I succeeded for an estimate λ̂ of λ_max (NaN where
-    it failed). `full_rank(W[b], lmax)` is then True whenever lmax ≤ λ̂, without a second Gram.
-
-    Why: float32 eigenvalues of a square matrix's Gram cannot resolve its smallest ones (λ_min
-    ≈ 1e-10·λ_max against a round-off of ~1e-6·λ_max), so its rank needs float64 anyway. Each
-    matrix's float64 Gram is formed once (one at a time: no float64 stack), rounded to `dtype`
-    for the eigenvalues (as accurate as a Gram accumulated in `dtype`) and factored; this saves
-    the `dtype` Gram product (0.3 s of 1.2 at 2880², one thread). λ̂: `_cholesky_bound` (if it
-    is below λ_max after all, the caller's check fails and full_rank decides, as before)."""
-    batch = W.ndim == 3
-    Ws = W if batch else W[None]
-    c = pow2_scale(Ws)  # (B, 1, 1)
-    G = torch.empty(Ws.shape[0], Ws.shape[-1], Ws.shape[-1], dtype=dtype, device=W.device)
-    bounds = []
-    for b in range(Ws.shape[0]):
-        G64 = gram(Ws[b], dtype=torch.float64, scale=c[b])  # lower triangle
-        G[b] = G64
-        bounds.append(_cholesky_bound(G64, G[b]) / float(c[b].reshape(-1)[0]) ** 2)
-        del G64
-    lam = torch.linalg.eigvalsh(G).clamp_min_(0.0).to(torch.float64) / c.reshape(-1, 1) ** 2
-    return (lam if batch else lam[0]), bounds
-
-
-RANK_POWER_ITERS = 4  # power steps for λ̂ (on the rounded Gram)
-RANK_POWER_SLACK = 1.5  # λ̂ = min(‖G‖_F, RANK_POWER_SLACK × the Rayleigh quotient)
-
-
-def _cholesky_bound(G64: torch.Tensor, G: torch.Tensor) -> float:
-    """λ̂ for which G64 (float64, lower triangle; its diagonal is shifted here) minus
-    RANK_MARGIN·λ̂·M·ε₆₄·I is positive definite (`esd_proving_rank`), or NaN. λ̂ =
-    min(‖G‖_F, RANK_POWER_SLACK × Rayleigh quotient after RANK_POWER_ITERS power steps on G,
-    the rounded copy): ‖G‖_F ≥ λ_max always but can be √M times it; the quotient is a lower
-    bound that is within the slack after a few steps (a bigger λ̂ only asks λ_min to clear a
-    slightly higher bar)."""
-    M = G.shape[-1]
-    diag = G.diagonal()
-    x = torch.cos(torch.arange(M, dtype=G.dtype, device=G.device))  # deterministic start
-
-    def sym(v: torch.Tensor) -> torch.Tensor:  # the full symmetric G from its lower triangle
-        return G @ v + G.T @ v - diag * v
-    for _ in range(RANK_POWER_ITERS):
-        y = sym(x)
-        x = y / torch.linalg.vector_norm(y)
-    rq = float(x @ sym(x))
-    # ‖G‖_F from the lower triangle (the upper one of G64 is zero)
-    fro = math.sqrt(max(2 * float(torch.linalg.vector_norm(G64)) ** 2
-                        - float(torch.linalg.vector_norm(G64.diagonal())) ** 2, 0.0))
-    lam = min(fro, RANK_POWER_SLACK * rq)
-    if not math.isfinite(lam) or lam <= 0:
-        return math.nan
-    G64.diagonal().sub_(RANK_MARGIN * lam * _rank_tol(M))
-    return lam if int(torch.linalg.cholesky_ex(G64).info) == 0 else math.nan
-
-
 def entry_moments(W: torch.Tensor) -> tuple[float, float]:
     """(mean, population variance) of W's entries, accumulated in float64 chunk by chunk (no
     float64 copy of a 579M-entry embedding)."""

@@ -191,39 +191,3 @@ def test_trap_precision_follows_the_policy_and_shows_in_the_row(small, monkeypat
     assert set(llm_audit.audit(small, trap_rule=rule, max_spectra=0)
                .details.trap_precision) == {"float32"}  # decided in float32 when not near
 
-
-def test_esd_proving_rank_known_answers(gen):
-    """One float64 Gram per square matrix serves the float32 eigenvalues and the rank proof:
-    the eigenvalues are float32's, the bound λ̂ lies in [λ_max, 1.5·λ_max] for full-rank
-    matrices (stack or single, any scale) and is NaN for a rank-deficient one."""
-    W = torch.randn(3, 200, 200, generator=gen)
-    evals, bounds = spectral.esd_proving_rank(W)
-    exact = spectral.esd(W)  # float64
-    assert evals.shape == (3, 200) and evals.dtype == torch.float64
-    assert float((evals - exact).abs().max()) < 1e-5 * float(exact.max())
-    for b, lmax in zip(bounds, exact.amax(-1).tolist(), strict=True):
-        assert lmax <= b <= 1.5 * lmax * (1 + 1e-6)
-    one, (b0,) = spectral.esd_proving_rank(W[0] * 2.0**-110)  # scale-invariant
-    assert one.shape == (200,) and b0 == pytest.approx(bounds[0] * 2.0**-220, rel=1e-6)
-    _, (low,) = spectral.esd_proving_rank(_conditioned(200, 1e-2, rank=20).float())
-    assert math.isnan(low)
-
-
-def test_square_matrix_rank_needs_no_second_gram(monkeypatch):
-    """Under auto on CPU a square matrix's rank comes from the Gram its eigenvalues came
-    from: spectral.full_rank (which forms another) is not called; the row equals float64's."""
-    g = torch.Generator().manual_seed(3)
-    U, s, Vh = torch.linalg.svd(torch.randn(256, 256, generator=g, dtype=torch.float64))
-    s[-20:] = s[0] * 1e-4 * torch.linspace(1, 2, 20, dtype=torch.float64)  # λ ≈ 1e-8·λ_max
-    W = ((U * s) @ Vh).float()  # full rank; float32 eigenvalues read some of it as 0
-    assert spectral.spectral_norms(spectral.esd(W, dtype=torch.float32)).rank < 256
-
-    def no_second_gram(*args, **kwargs):
-        raise AssertionError("full_rank formed a second Gram")
-    monkeypatch.setattr(spectral, "full_rank", no_second_gram)
-    auto = llm_audit.monitor_weights({"a.weight": W}).layers[0]
-    f64 = llm_audit.monitor_weights({"a.weight": W},
-                                    options=llm_audit.AuditOptions(precision="float64")).layers[0]
-    assert (auto.precision, auto.matrix_rank, f64.matrix_rank) == ("float32", 256, 256)
-    assert auto.entropy == pytest.approx(f64.entropy, rel=1e-6)
-    assert auto.alpha == pytest.approx(f64.alpha, abs=1e-4)
