@@ -118,7 +118,7 @@ def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], num_traps: int,
         # the centred count is within one of the rule's: one sketch wide enough for it
         vals, trip = top_above_triplets(S, threshold, generator, torch.float64,
                                         k=max(TW_TOP_K, num_traps + 2))
-        return int((vals > threshold).sum()), trip
+        return int((vals > threshold).sum()), trip()
     return anatomy.trap_anatomy(W, perms, count=count, threshold=threshold, mean=moments[0],
                                 known=num_traps, remove_mean=remove_mean, generator=generator,
                                 triplets=triplets, top=top, count_triplets=count_triplets)
@@ -128,27 +128,22 @@ def top_above(S: torch.Tensor, threshold: float, generator: torch.Generator,
                dtype: torch.dtype, k: int = TW_TOP_K) -> torch.Tensor:
     """Descending top eigenvalues of SᵀS, enough of them to include one at or below
     `threshold` (or all M), starting from the top k."""
-    M = min(S.shape)
-    if M < RSVD_MIN_M:
+    if min(S.shape) < RSVD_MIN_M:
         return torch.flip(spectral.esd(S, dtype=dtype), [0]).double()
-    while True:
-        top = rsvd.top_eigenvalues(S, k, generator=generator, dtype=dtype,
-                                   threshold=threshold).double()
-        if float(top[-1]) <= threshold or k >= M:
-            return top
-        k = min(2 * k, M)
+    return top_above_triplets(S, threshold, generator, dtype, k)[0]
 
 
 def top_above_triplets(S: torch.Tensor, threshold: float, generator: torch.Generator,
                        dtype: torch.dtype, k: int = TW_TOP_K):
-    """`top_above` (the same values) and the singular triplets (U, s, V) of S they came with,
-    for a matrix of M >= RSVD_MIN_M (`rsvd.top_triplets_above`)."""
+    """`top_above` for a matrix of M >= RSVD_MIN_M, sketched with k, 2k, ... until a value
+    falls at or below the threshold, and a function giving the singular triplets (U, s, V) of
+    S that came with the values (`rsvd.top_triplets_above`; nothing computed unless called)."""
     M = min(S.shape)
     while True:
         top, triplets = rsvd.top_triplets_above(S, k, generator=generator, dtype=dtype,
                                                 threshold=threshold)
         if float(top[-1]) <= threshold or k >= M:
-            return top, triplets()
+            return top, triplets
         k = min(2 * k, M)
 
 

@@ -53,13 +53,18 @@ def top_eigenvalues(W: torch.Tensor, k: int, *,
     (the same Ω in any dtype); with a sequence of generators, one per matrix of the batch, each
     matrix's Ω comes from its own, so a matrix gets the same answer alone or in a batch.
     """
-    c = spectral.pow2_scale(W)  # scale-invariant, as spectral.esd: no float32 over/underflow
-    c2 = c.reshape(c.shape[:-2]) ** 2  # (...,)
-    A = W.to(dtype) * c.to(W.device, dtype)
+    A, c2 = _scaled(W, dtype)
     if threshold is not None:
         threshold = torch.as_tensor(threshold, dtype=torch.float64, device=c2.device) * c2
     ritz, _ = _top_eigenvalues(A, k, generator, oversample, iters, dtype, threshold, max_iters)
     return ritz.to(torch.float64) / c2[..., None]
+
+
+def _scaled(W: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c·W in `dtype`, c² (...,) float64) for the power of two c of `spectral.pow2_scale`:
+    scale-invariant, as spectral.esd, no float32 over- or underflow."""
+    c = spectral.pow2_scale(W)
+    return W.to(dtype) * c.to(W.device, dtype), c.reshape(c.shape[:-2]) ** 2
 
 
 def top_triplets_above(W: torch.Tensor, k: int, *, generator: torch.Generator,
@@ -72,9 +77,8 @@ def top_triplets_above(W: torch.Tensor, k: int, *, generator: torch.Generator,
     SVD of the small KᵀA, its singular values unused), so a trap count and its anatomy share
     one sketch instead of two (the anatomy's own float64 sketch measured 0.7-1.0 s at 2880²,
     one thread); computed only when asked for (a sketch too narrow for the count is redone)."""
-    c = spectral.pow2_scale(W)
-    c2 = float(c.reshape(-1)[0]) ** 2
-    A = W.to(dtype) * c.to(W.device, dtype)
+    A, c2 = _scaled(W, dtype)
+    c2 = float(c2)
     t = torch.as_tensor(threshold, dtype=torch.float64) * c2
     ritz, basis = _top_eigenvalues(A, k, generator, OVERSAMPLE, ITERS, dtype, t, MAX_ITERS)
     top = ritz.to(torch.float64) / c2

@@ -75,19 +75,17 @@ def _ww_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
             fit = mp.mp_fit(pooled, N, M)
             decided_in = torch.float64
         r = _ww_result(pooled, fit, evals[b], pooled[:M], precision_name(decided_in))
-        if not anatomy:
-            out.append(dataclasses.replace(r, anatomy=_unclassified(r.trap_evals[:r.num_traps])))
-            continue
-        top = torch.sort(pooled, descending=True).values if reps == 1 else None
+        top = torch.sort(pooled, descending=True).values if reps == 1 and anatomy else None
         out.append(dataclasses.replace(r, anatomy=detect.trap_anatomy(
             W[b], perms, fit.num_spikes, fit.threshold, generators[b], moments[b],
-            remove_mean=False, top=top)))
+            remove_mean=False, top=top) if anatomy else _unclassified(r)))
     return out
 
 
-def _unclassified(trap_evals):
+def _unclassified(r: TrapResult):
+    """`r`'s traps as counted, not classed (``--no-anatomy``)."""
     from .anatomy import unclassified  # torch: not at import (the CLI's --help uses this module)
-    return unclassified(trap_evals)
+    return unclassified(r.trap_evals[:r.num_traps])
 
 
 def _ww_result(pooled: torch.Tensor, fit, evals: torch.Tensor, first: torch.Tensor,
@@ -135,7 +133,7 @@ def _tw_traps(W: torch.Tensor, evals: torch.Tensor, *, generator: torch.Generato
         r = _tw_result(top, edge, threshold, precision_name(decided_in))
         out.append(dataclasses.replace(r, anatomy=detect.trap_anatomy(
             W[b], [perm], r.num_traps, threshold, generators[b], moments[b], remove_mean=True,
-            triplets=trip) if anatomy else _unclassified(r.trap_evals[:r.num_traps])))
+            triplets=trip) if anatomy else _unclassified(r)))
     return out
 
 
@@ -151,7 +149,8 @@ def _tw_top(S: torch.Tensor, threshold: float, generator: torch.Generator, dtype
         return detect.top_above(S, threshold, generator, dtype, k=2 * detect.TW_TOP_K), None
     if min(S.shape) < detect.RSVD_MIN_M or not vectors:
         return detect.top_above(S, threshold, generator, dtype), None
-    return detect.top_above_triplets(S, threshold, generator, dtype)
+    top, triplets = detect.top_above_triplets(S, threshold, generator, dtype)
+    return top, triplets()
 
 
 def _tw_result(top: torch.Tensor, edge: float, threshold: float, precision: str) -> TrapResult:

@@ -164,23 +164,31 @@ def test_weyl_shortcut_skips_the_centred_count_and_changes_nothing(gauss, monkey
     assert fast.traps == slow.traps and _classes(fast) == _classes(slow) == (0, 2, 0)
 
 
+SKETCH_PLANTED = {(3, 5): 150.0, (700, 10): 160.0, (20, 1000): 170.0}
+
+
+def _planted_at_sketch_size(gen, mean: float = 0.0) -> torch.Tensor:
+    """Gaussian (RSVD_MIN_M + 76, RSVD_MIN_M) + mean, with SKETCH_PLANTED's entries: at the
+    size where the trap counts are sketched, not solved exactly."""
+    from llm_audit.detect import RSVD_MIN_M
+    W = torch.randn(RSVD_MIN_M + 76, RSVD_MIN_M, generator=gen, dtype=torch.float64) + mean
+    for (i, j), value in SKETCH_PLANTED.items():
+        W[i, j] = value
+    return W
+
+
 def test_tw_anatomy_at_sketch_size_reuses_the_counts_vectors(gen, monkeypatch):
     """M >= RSVD_MIN_M: the tw count's Krylov sketch also gives the anatomy's singular vectors
     (no second sketch: the anatomy's own is never called), so the largest trap's eigenvalue is
     the rule's max_rand_eval; the planted entries are still found and named."""
     from llm_audit import anatomy
-    from llm_audit.detect import RSVD_MIN_M
 
     def no_sketch(*args, **kwargs):
         raise AssertionError("the anatomy sketched the shuffle again")
     monkeypatch.setattr(anatomy, "_triplets", no_sketch)
-    W = torch.randn(RSVD_MIN_M + 76, RSVD_MIN_M, generator=gen, dtype=torch.float64)
-    planted = {(3, 5): 150.0, (700, 10): 160.0, (20, 1000): 170.0}
-    for (i, j), value in planted.items():
-        W[i, j] = value
-    r = _row(W, "tw")
+    r = _row(_planted_at_sketch_size(gen), "tw")
     assert r.rand_num_spikes == 3 and _classes(r) == (0, 3, 0)
-    assert set(r.outliers) == set(planted)
+    assert set(r.outliers) == set(SKETCH_PLANTED)
     assert r.traps[0].eigenvalue == pytest.approx(r.max_rand_eval, rel=1e-14)
 
 
@@ -189,7 +197,6 @@ def test_ww_anatomy_at_sketch_size_sketches_only_for_the_mean(gen, monkeypatch):
     centred count's sketch gives the other traps' vectors, and the shuffle itself is sketched
     once, only to find the mean's trap; planted entries and the mean's spike are both found."""
     from llm_audit import anatomy
-    from llm_audit.detect import RSVD_MIN_M
     calls = []
     real = anatomy._triplets
 
@@ -197,13 +204,9 @@ def test_ww_anatomy_at_sketch_size_sketches_only_for_the_mean(gen, monkeypatch):
         calls.append(k)
         return real(S, k, generator)
     monkeypatch.setattr(anatomy, "_triplets", counted)
-    W = torch.randn(RSVD_MIN_M + 76, RSVD_MIN_M, generator=gen, dtype=torch.float64) + 0.1
-    planted = {(3, 5): 150.0, (700, 10): 160.0, (20, 1000): 170.0}
-    for (i, j), value in planted.items():
-        W[i, j] = value
-    r = _row(W, "ww")
+    r = _row(_planted_at_sketch_size(gen, mean=0.1), "ww")
     assert r.rand_num_spikes == 4 and _classes(r) == (1, 3, 0)
-    assert set(r.outliers) == set(planted)
+    assert set(r.outliers) == set(SKETCH_PLANTED)
     assert calls == [5]  # S's top n_all + 1, for the mean; none for the entries traps
     assert r.traps[0].eigenvalue == pytest.approx(r.max_rand_eval, rel=1e-14)
 
