@@ -150,8 +150,11 @@ def trap_anatomy(W: torch.Tensor, perms: Sequence[torch.Tensor], *, count: Count
     level = clip_level(W, generator)
     found: list[tuple[_Found, torch.Tensor]] = []
     for perm in perms:
-        # the rule's shuffle (index_select: 5x faster than W[perm] at 2880², same values)
-        S = W.reshape(-1).index_select(0, perm.to(W.device)).to(torch.float64).view(W.shape)
+        # the rule's shuffle (index_select: 5x faster than W[perm] at 2880², same values), in
+        # float32 unless W is float64: the contributions and their sort are memory-bound
+        # passes over rows·cols values (float32 halves them; the vectors, the counts and the
+        # sums that decide are float64)
+        S = W.reshape(-1).index_select(0, perm.to(W.device)).to(_work_dtype(W)).view(W.shape)
         found += [(f, perm) for f in _one_shuffle(
             S, S - mean, count, level, remove_mean=remove_mean, generator=generator, mean=mean,
             threshold=threshold, known=known if len(perms) == 1 else None,
@@ -262,9 +265,13 @@ def _centred_count(S0: torch.Tensor, s: torch.Tensor, n_all: int,
     return count_triplets(S0)
 
 
+def _work_dtype(W: torch.Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
 def _triplets(S: torch.Tensor, k: int, generator: torch.Generator):
     if min(S.shape) < EXACT_MAX_M:
-        U, s, Vh = torch.linalg.svd(S, full_matrices=False)
+        U, s, Vh = torch.linalg.svd(S.to(torch.float64), full_matrices=False)
         return U[:, :k], s[:k], Vh[:k].T
     return rsvd.top_singular_triplets(S, k, generator=generator)
 
@@ -274,7 +281,7 @@ def _contributions(S: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     """c (rows·cols,): entry (i, j)'s share uᵢ Sᵢⱼ vⱼ of σ = uᵀSv, signed so that Σc = σ > 0;
     written into `out` (S's shape) if given: one buffer for all of a matrix's traps saves a
     fresh 66 MB allocation and its page faults per trap at 2880² (3-10x this step's time)."""
-    c = torch.mul(S, u[:, None], out=out).mul_(v[None, :]).reshape(-1)
+    c = torch.mul(S, u.to(S.dtype)[:, None], out=out).mul_(v.to(S.dtype)[None, :]).reshape(-1)
     return c if float(c.sum()) >= 0 else c.neg_()
 
 
@@ -285,9 +292,10 @@ def _localise(c: torch.Tensor) -> tuple[int, torch.Tensor]:
     half-mass entries exactly (a full sort of rows·cols values cost 1.5 s a trap at 2880²).
     Above FULL_SORT_MAX entries at most HALF_MASS_TOP candidates are kept (a lower bound).
     On CPU the masks and sums run in numpy: 2.8x faster than torch's boolean indexing at
-    2880² (20 traps 1.30 s -> 0.47 s, one thread, identical answers)."""
+    2880² (20 traps 1.30 s -> 0.47 s, one thread, identical answers); the candidates above a
+    level are few (at most 25,000 of 8.3M at 2880²), which keeps a masked sum cheap."""
     x = c.numpy() if c.device.type == "cpu" else None
-    half = float(c.sum()) / 2
+    half = float(c.sum()) / 2  # float32 c: torch's cascade sum
     top = t = float(c.max())
     while True:
         t /= 8
@@ -300,14 +308,14 @@ def _localise(c: torch.Tensor) -> tuple[int, torch.Tensor]:
         vals = x[idx][order]
         if c.numel() > FULL_SORT_MAX:
             vals, order = vals[:HALF_MASS_TOP], order[:HALF_MASS_TOP]
-        reached = np.flatnonzero(np.cumsum(vals) >= half)
+        reached = np.flatnonzero(np.cumsum(vals, dtype=np.float64) >= half)
         n_half = int(reached[0]) + 1 if len(reached) else len(vals)
         return n_half, torch.from_numpy(idx[order[:min(n_half, CLIP_K)]])
     idx = torch.nonzero(mask).flatten()
     vals, order = torch.sort(c[idx], descending=True, stable=True)
     if c.numel() > FULL_SORT_MAX:
         vals, order = vals[:HALF_MASS_TOP], order[:HALF_MASS_TOP]
-    reached = torch.nonzero(torch.cumsum(vals, 0) >= half)
+    reached = torch.nonzero(torch.cumsum(vals, 0, dtype=torch.float64) >= half)
     n_half = int(reached[0]) + 1 if len(reached) else len(vals)
     return n_half, idx[order[:min(n_half, CLIP_K)]]
 

@@ -9,8 +9,10 @@ pipeline puts them back in order, so another executor can stand behind the same 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import Iterator
 
@@ -34,14 +36,15 @@ _EXPERT_INDEX = re.compile(r"experts\.\d+\.")
 _EXPERT_SUFFIX = re.compile(r"\[\d+\]$")
 
 
-def analyse_jobs(jobs: list[MatrixJob], opts: AuditOptions, device: torch.device | None = None
-                 ) -> Iterator[tuple[int, tuple[MatrixResult, ...]]]:
+def analyse_jobs(jobs: list[MatrixJob], opts: AuditOptions, device: torch.device | None = None,
+                 workers: int = 1) -> Iterator[tuple[int, tuple[MatrixResult, ...]]]:
     """(index into `jobs`, its result rows) for every job, in the order they finish: decoded
     ahead in a background thread, experts of one tensor (or of one per-expert tensor
     pattern) moved next to each other and analysed in batches of up to BATCH_BYTES of
     float32 matrices. The executor seam: another one (processes, a cluster) yields the same
     pairs; results do not depend on which (shuffles are seeded per matrix or stack). Dense
-    matrices too large to decode whole are analysed first, in row chunks (streaming.py)."""
+    matrices too large to decode whole are analysed first, in row chunks (streaming.py).
+    `workers` > 1: that many batches are analysed at once in threads (`in_threads`)."""
     device = opts.torch_device() if device is None else device
     streamed = [streaming.streams(j) for j in jobs]
     for i in (i for i, st in enumerate(streamed) if st):  # never decoded whole
@@ -49,23 +52,101 @@ def analyse_jobs(jobs: list[MatrixJob], opts: AuditOptions, device: torch.device
     whole = [i for i, st in enumerate(streamed) if not st]
     # order[p]: the index of the p-th job decoded
     order = [whole[k] for k in grouped([jobs[i] for i in whole])]
-    limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"])
+    limit = BATCH_BYTES.get(device.type, BATCH_BYTES["cpu"]) // max(workers, 1)
     ahead = PREFETCH_BYTES.get(device.type, PREFETCH_BYTES["cpu"])
-    done = 0
     with prefetch([jobs[i] for i in order], device, ahead) as decoded:
-        batch: list[DecodedJob] = []
-        for d in decoded:
-            key = stack_key(d.job)
-            if batch and (key is None or key != stack_key(batch[0].job)
-                          or _nbytes(batch) + _nbytes([d]) > limit):
-                for rows in _analyse_batch(batch, opts):  # one per job, in batch order
-                    yield order[done], rows
-                    done += 1
-                batch = []
-            batch.append(d)
-        for rows in _analyse_batch(batch, opts):
-            yield order[done], rows
-            done += 1
+        batches = _batches(decoded, order, limit)
+        if workers <= 1:
+            for idx, batch in batches:
+                yield from zip(idx, _analyse_batch(batch, opts), strict=True)
+        else:
+            yield from in_threads(batches, opts, workers)
+
+
+def _batches(decoded: Iterator[DecodedJob], order: list[int], limit: int
+             ) -> Iterator[tuple[list[int], list[DecodedJob]]]:
+    """(job indices, decoded jobs) of each batch: consecutive jobs of one stack key, at most
+    `limit` bytes (one job always); a job without a key is a batch of its own."""
+    batch: list[DecodedJob] = []
+    idx: list[int] = []
+    for p, d in enumerate(decoded):
+        key = stack_key(d.job)
+        if batch and (key is None or key != stack_key(batch[0].job)
+                      or _nbytes(batch) + _nbytes([d]) > limit):
+            yield idx, batch
+            batch, idx = [], []
+        batch.append(d)
+        idx.append(order[p])
+    if batch:
+        yield idx, batch
+
+
+def in_threads(batches: Iterator[tuple[list[int], list[DecodedJob]]], opts: AuditOptions,
+               workers: int) -> Iterator[tuple[int, tuple[MatrixResult, ...]]]:
+    """The batches analysed `workers` at a time in threads, each with cores/workers of torch's
+    intra-op threads (restored after), yielding (job index, rows) as batches finish.
+
+    Why threads: on CPU much of a matrix's analysis does not scale with torch's threads (the
+    eigensolver's tridiagonalisation, the shuffle's randperm, the anatomy's numpy passes), so
+    two matrices on one thread each finish sooner than one after the other on two (1.3-1.5x
+    at 2880², two cores: benchmarks/RESULTS.md); torch and numpy release the GIL in all of
+    them. At most `workers` batches are in flight (their share of BATCH_BYTES each): memory as
+    the serial path's."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    flying: dict = {}
+
+    def finished(block: bool):
+        done = (wait(flying, return_when=FIRST_COMPLETED).done if block
+                else [f for f in flying if f.done()])
+        for f in done:
+            yield from zip(flying.pop(f), f.result(), strict=True)
+
+    fixed_mmap_threshold()
+    with intra_op_threads(max(1, cores() // workers)):
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="llm-audit")
+        try:
+            for idx, batch in batches:
+                while len(flying) >= workers:
+                    yield from finished(block=True)
+                flying[pool.submit(lambda b=batch: list(_analyse_batch(b, opts)))] = idx
+                yield from finished(block=False)
+            while flying:
+                yield from finished(block=True)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+MMAP_THRESHOLD = 1 << 20  # bytes: larger blocks are mmapped, and returned to the OS when freed
+
+
+def fixed_mmap_threshold() -> None:
+    """glibc's malloc: blocks of MMAP_THRESHOLD bytes or more always come from mmap. By
+    default the threshold grows with each freed large block (up to 32 MB), after which
+    matrices come from per-thread heaps that fragment: with two analysis threads, the CLI's
+    peak RSS grew 596 -> 722 MB from 2 to 8 layers of the issue-13 checkpoint, and with this
+    531 -> 572 MB (benchmarks/memory_streaming.py). Process-wide and not undone (glibc has no
+    getter): it only makes freed matrices go back to the OS. Without glibc nothing is done."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to n for the block (process-wide), then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
 
 
 def grouped(jobs: list[MatrixJob]) -> list[int]:

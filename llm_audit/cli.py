@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     # before torch loads OpenMP: busy-waiting OpenMP threads make LAPACK 10-80x slower whenever
     # the cores are shared (measured: a 1024² eigvalsh took 5-32 s instead of 0.3 s)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if argv is None:  # this process is the CLI's own (not a caller's that embeds it)
+        from .batching import fixed_mmap_threshold
+
+        fixed_mmap_threshold()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     command, prog = audit_command, "llm-audit"

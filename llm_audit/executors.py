@@ -2,7 +2,10 @@
 `batching.analyse_jobs` (the serial executor) and yields (job index, rows) pairs in the order
 they finish; the pipeline puts them back in order, journals and reports them.
 
-- ``serial``: `batching.analyse_jobs` in this process (the default; no extra dependency).
+- ``serial``: `batching.analyse_jobs` in this process, one batch after another.
+- ``threads[:N]``: the same, N batches at once in threads (`batching.in_threads`), cores/N of
+  torch's threads each. ``auto`` (the default): threads on CPU (N = the cores, at most
+  AUTO_MAX_THREADS), serial on CUDA.
 - ``processes[:N]``: N local worker processes (`concurrent.futures`, spawned: no forked torch
   state), one work unit at a time each; with ``--device cuda`` and several GPUs worker i uses
   ``cuda:i``. Default N: the GPUs, or the CPU cores.
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import analyse_jobs, failed_job, grouped, stack_key
+from .batching import analyse_jobs, cores, failed_job, grouped, stack_key
 from .errors import AuditError, UsageError
 from .options import AuditOptions, ExecutorSpec, parse_executor
 from .records import MatrixResult
@@ -49,6 +52,7 @@ from .routing import MatrixJob
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # tries of one unit before its jobs are failed rows
 IN_FLIGHT_PER_WORKER = 2
+AUTO_MAX_THREADS = 8  # threads of `auto` on a many-core CPU (each gets cores/8 of torch's)
 Rows = tuple[MatrixResult, ...]
 Executor = Callable[[list[MatrixJob], AuditOptions, torch.device],
                     Iterator[tuple[int, Rows]]]
@@ -63,13 +67,27 @@ class Unit:
 
 
 def executor_for(opts: AuditOptions) -> Executor:
-    """The executor `opts.executor` names (serial, processes[:N], ray[:ADDRESS])."""
+    """The executor `opts.executor` names (auto, serial, threads[:N], processes[:N],
+    ray[:ADDRESS])."""
     spec = parse_executor(opts.executor)
+    if spec.kind in ("auto", "threads"):
+        return lambda jobs, o, device: analyse_jobs(jobs, o, device,
+                                                    workers=thread_workers(spec, device))
     if spec.kind == "serial":
         return analyse_jobs
     if spec.kind == "processes":
         return lambda jobs, o, device: run_processes(jobs, o, device, spec)
     return lambda jobs, o, device: run_ray(jobs, o, device, spec)
+
+
+def thread_workers(spec: ExecutorSpec, device: torch.device) -> int:
+    """How many matrices `threads[:N]` / `auto` analyse at once: N; by default the cores (at
+    most AUTO_MAX_THREADS) on CPU, and one on CUDA (the GPU is the bottleneck there)."""
+    if spec.workers:
+        return spec.workers
+    if device.type != "cpu":
+        return 1
+    return max(1, min(AUTO_MAX_THREADS, cores()))
 
 
 def units(jobs: list[MatrixJob]) -> list[Unit]:

@@ -52,10 +52,14 @@ class AuditOptions:
                           "any matrix whose answer float32 round-off could change.",
                           choices=PRECISIONS)
 
-    executor: str = _opt("serial", "Who analyses the matrices: serial | processes[:N] (N local "
-                         "worker processes; one per GPU with --device cuda) | ray[:ADDRESS] "
-                         "(Ray tasks; no address: a local cluster; ray:auto: the running "
-                         "one). Results are identical.", metavar="SPEC")
+    executor: str = _opt("auto", "Who analyses the matrices: auto (threads on CPU, serial on "
+                         "CUDA) | serial | threads[:N] (N matrices at once in this process, "
+                         "cores/N threads each; default N: the cores, at most 8) | "
+                         "processes[:N] (N local worker processes; one per GPU with --device "
+                         "cuda) | ray[:ADDRESS] (Ray tasks; no address: a local cluster; "
+                         "ray:auto: the running one). Results are the same up to float "
+                         "round-off of multi-threaded sums (exactly the same on matrices too "
+                         "small for torch to split).", metavar="SPEC")
 
     def __post_init__(self) -> None:
         parse_executor(self.executor)
@@ -112,26 +116,26 @@ class AuditOptions:
 
 @dataclass(frozen=True)
 class ExecutorSpec:
-    kind: str  # serial | processes | ray
-    workers: int | None = None  # processes:N
+    kind: str  # auto | serial | threads | processes | ray
+    workers: int | None = None  # threads:N, processes:N
     address: str | None = None  # ray:ADDRESS
 
 
 def parse_executor(spec: str) -> ExecutorSpec:
-    """``serial``, ``processes[:N]`` (N >= 1) or ``ray[:ADDRESS]`` (an address may hold
-    colons: ``ray:10.0.0.1:6379``)."""
+    """``auto``, ``serial``, ``threads[:N]`` or ``processes[:N]`` (N >= 1) or ``ray[:ADDRESS]``
+    (an address may hold colons: ``ray:10.0.0.1:6379``)."""
     kind, _, arg = str(spec).partition(":")
-    if kind == "serial" and not arg:
-        return ExecutorSpec("serial")
-    if kind == "processes":
+    if kind in ("auto", "serial") and not arg:
+        return ExecutorSpec(kind)
+    if kind in ("threads", "processes"):
         if not arg:
-            return ExecutorSpec("processes")
+            return ExecutorSpec(kind)
         if arg.isdigit() and int(arg) >= 1:
-            return ExecutorSpec("processes", workers=int(arg))
+            return ExecutorSpec(kind, workers=int(arg))
     if kind == "ray":
         return ExecutorSpec("ray", address=arg or None)
-    raise UsageError(f"--executor {clip(str(spec))!r} is not an executor: use serial, "
-                     "processes[:N] (N >= 1) or ray[:ADDRESS]")
+    raise UsageError(f"--executor {clip(str(spec))!r} is not an executor: use auto, serial, "
+                     "threads[:N], processes[:N] (N >= 1) or ray[:ADDRESS]")
 
 
 def resolve_options(options: AuditOptions | None, fields_: dict) -> AuditOptions:

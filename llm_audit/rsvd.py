@@ -71,8 +71,9 @@ def top_triplets_above(W: torch.Tensor, k: int, *, generator: torch.Generator,
                        dtype: torch.dtype, threshold: float
                        ) -> tuple[torch.Tensor, Callable[[], tuple]]:
     """`top_eigenvalues(W, k, generator=, dtype=, threshold=)` of one matrix W (rows, cols),
-    the same values from the same sketch, and a function giving the singular triplets that
-    come with them: (top (k,), triplets) with triplets() = (U (rows, k), s (k,), V (cols, k)),
+    except that when more than k values are above the threshold up to k + OVERSAMPLE + k of
+    them come from the same sketch, and a function giving the singular triplets that come
+    with them: (top (k,), triplets) with triplets() = (U (rows, k), s (k,), V (cols, k)),
     float64, s = √top. The vectors are read off the Krylov basis the values settled on (one
     SVD of the small KᵀA, its singular values unused), so a trap count and its anatomy share
     one sketch instead of two (the anatomy's own float64 sketch measured 0.7-1.0 s at 2880²,
@@ -80,7 +81,8 @@ def top_triplets_above(W: torch.Tensor, k: int, *, generator: torch.Generator,
     A, c2 = _scaled(W, dtype)
     c2 = float(c2)
     t = torch.as_tensor(threshold, dtype=torch.float64) * c2
-    ritz, basis = _top_eigenvalues(A, k, generator, OVERSAMPLE, ITERS, dtype, t, MAX_ITERS)
+    ritz, basis = _top_eigenvalues(A, k, generator, OVERSAMPLE, ITERS, dtype, t, MAX_ITERS,
+                                   extend=True)
     top = ritz.to(torch.float64) / c2
 
     def triplets() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,9 +92,15 @@ def top_triplets_above(W: torch.Tensor, k: int, *, generator: torch.Generator,
             Ub, _, Vh = torch.linalg.svd(An.to(torch.float64), full_matrices=False)
             U = Ub[:, :n]
         else:
-            K, Y = basis  # Y = AᵀK, so KᵀA = Yᵀ = Ub diag(s) Vh
-            Ub, _, Vh = torch.linalg.svd(Y.T.to(torch.float64), full_matrices=False)
-            U = K.to(torch.float64) @ Ub[:, :n]
+            K, Y = basis  # Y = AᵀK, so KᵀA = Yᵀ = Ub diag(s) Vh and V = Y Ub / s
+            # from the eigenvectors of the small YᵀY (8x cheaper than an SVD of Yᵀ at
+            # 2880², one thread; the top ones are as accurate: their gaps are not small)
+            Y = Y.to(torch.float64)
+            lam, Ub = torch.linalg.eigh(Y.T @ Y)
+            Ub = Ub.flip(-1)[:, :n]
+            U = K.to(torch.float64) @ Ub
+            Vt = Y @ Ub
+            Vh = (Vt / torch.linalg.vector_norm(Vt, dim=0)).T
         V, s = Vh[:n].T, top.clamp_min(0).sqrt()
         return (V, s, U) if A.shape[0] < A.shape[1] else (U, s, V)
 
@@ -101,9 +109,11 @@ def top_triplets_above(W: torch.Tensor, k: int, *, generator: torch.Generator,
 
 def _top_eigenvalues(A: torch.Tensor, k: int, generator, oversample: int, iters: int,
                      dtype: torch.dtype, threshold: torch.Tensor | None,
-                     max_iters: int) -> tuple[torch.Tensor, tuple | None]:
+                     max_iters: int, extend: bool = False) -> tuple[torch.Tensor, tuple | None]:
     """(Ritz values (..., k), the basis (K, Y = AᵀK) they were read from, or None when exact
-    or when the members of a batch settled at different iterations)."""
+    or when the members of a batch settled at different iterations). `extend` (one matrix,
+    with a threshold): when the top k are all above the threshold, k + b values are read
+    off the same basis instead (as many as the threshold needs, up to that)."""
     if A.shape[-2] < A.shape[-1]:
         A = A.mT  # (..., n, m) with n >= m: iterate in the small dimension
     n, m = A.shape[-2:]
@@ -118,6 +128,7 @@ def _top_eigenvalues(A: torch.Tensor, k: int, generator, oversample: int, iters:
     K[..., :b] = torch.linalg.qr(A @ omega).Q  # (..., n, b) blocks of the Krylov basis K
     Y[..., :b] = A.mT @ K[..., :b]  # Y = AᵀK, so (KᵀA)(KᵀA)ᵀ = YᵀY: Ritz values come cheap
     prev = out = settled = None
+    want = k  # values read; with a threshold, k + b once the top k are all above it
     for j in range(1, last + 1):
         Z = A @ Y[..., (j - 1) * b:j * b]  # (..., n, b) = (AAᵀ) K_{j-1}
         done = K[..., :j * b]
@@ -128,9 +139,15 @@ def _top_eigenvalues(A: torch.Tensor, k: int, generator, oversample: int, iters:
         if j < iters - (threshold is not None):
             continue
         Yj = Y[..., :(j + 1) * b]
-        ritz = torch.linalg.eigvalsh(Yj.mT @ Yj).flip(-1)[..., :k]
+        ritz = torch.linalg.eigvalsh(Yj.mT @ Yj).flip(-1)
         if threshold is None:
-            return ritz, (K[..., :(j + 1) * b], Yj)
+            return ritz[..., :k], (K[..., :(j + 1) * b], Yj)
+        if extend and want == k < m and float(ritz[k - 1]) > float(threshold):
+            # (one matrix) more than k values above the threshold: the basis (b·(j+1)
+            # columns) also holds the next b, converging behind the first; reading them
+            # saves a wider sketch (benchmarks/RESULTS.md), settled by the same test
+            want, prev = min(k + b, m, ritz.shape[-1]), None
+        ritz = ritz[..., :want]
         if prev is None:
             out, settled = ritz, torch.zeros(ritz.shape[:-1], dtype=torch.bool,
                                              device=ritz.device)

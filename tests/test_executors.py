@@ -42,15 +42,18 @@ def _values(res) -> pd.DataFrame:
 
 def test_parse_executor():
     assert parse_executor("serial") == ExecutorSpec("serial")
+    assert parse_executor("auto") == ExecutorSpec("auto")
+    assert parse_executor("threads") == ExecutorSpec("threads")
+    assert parse_executor("threads:2") == ExecutorSpec("threads", workers=2)
     assert parse_executor("processes") == ExecutorSpec("processes")
     assert parse_executor("processes:3") == ExecutorSpec("processes", workers=3)
     assert parse_executor("ray") == ExecutorSpec("ray")
     assert parse_executor("ray:10.0.0.1:6379") == ExecutorSpec("ray", address="10.0.0.1:6379")
-    for bad in ("threads", "processes:0", "processes:x", "serial:2"):
+    for bad in ("thread", "threads:0", "processes:0", "processes:x", "serial:2", "auto:2"):
         with pytest.raises(UsageError) as e:
             AuditOptions(executor=bad)
-        assert str(e.value) == (f"--executor {bad!r} is not an executor: use serial, "
-                                "processes[:N] (N >= 1) or ray[:ADDRESS]")
+        assert str(e.value) == (f"--executor {bad!r} is not an executor: use auto, serial, "
+                                "threads[:N], processes[:N] (N >= 1) or ray[:ADDRESS]")
 
 
 def test_units_keep_stacks_together_largest_first(moe):
@@ -77,6 +80,59 @@ def test_processes_equal_serial(which, rule, request):
                           executor="processes:2")
     pd.testing.assert_frame_equal(_values(par), _values(serial), check_exact=True)
     assert par.summary.options["executor"] == "processes:2"
+
+
+@pytest.mark.parametrize("rule", ["ww", "tw"])
+@pytest.mark.parametrize("which", ["moe", "dense"])
+def test_threads_equal_serial(which, rule, request):
+    """threads:3 (more threads than cores here: batches really overlap) gives the serial
+    tables exactly on matrices too small for torch to split a sum across its threads."""
+    src = request.getfixturevalue(which)
+    serial = llm_audit.audit(src, trap_rule=rule, device="cpu", max_spectra=0,
+                             executor="serial")
+    before = torch.get_num_threads()
+    par = llm_audit.audit(src, trap_rule=rule, device="cpu", max_spectra=0,
+                          executor="threads:3")
+    pd.testing.assert_frame_equal(_values(par), _values(serial), check_exact=True)
+    assert par.summary.options["executor"] == "threads:3"
+    assert torch.get_num_threads() == before  # the intra-op threads are restored
+
+
+def test_auto_is_threads_on_cpu_serial_on_cuda(monkeypatch):
+    monkeypatch.setattr(executors, "cores", lambda: 16)
+    auto = ExecutorSpec("auto")
+    assert executors.thread_workers(auto, torch.device("cpu")) == executors.AUTO_MAX_THREADS
+    assert executors.thread_workers(auto, torch.device("cuda")) == 1
+    assert executors.thread_workers(ExecutorSpec("threads", workers=3),
+                                    torch.device("cpu")) == 3
+    monkeypatch.setattr(executors, "cores", lambda: 2)
+    assert executors.thread_workers(auto, torch.device("cpu")) == 2
+
+
+def test_in_threads_keeps_at_most_workers_batches_in_flight(dense, monkeypatch):
+    """Memory stays as the serial path's: never more than N batches analysed at once."""
+    import threading
+    import time
+
+    from llm_audit import batching
+
+    real, lock, live, peak = batching._analyse_batch, threading.Lock(), [0], [0]
+
+    def slow(batch, opts):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.05)
+        try:
+            yield from real(batch, opts)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    monkeypatch.setattr(batching, "_analyse_batch", slow)
+    res = llm_audit.audit(dense, device="cpu", max_spectra=0, executor="threads:2")
+    assert len(res.details) == 6 and (res.details.status == "ok").all()
+    assert peak[0] == 2
 
 
 def test_killed_worker_is_rerun_nothing_lost_or_twice(dense):

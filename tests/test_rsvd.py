@@ -168,3 +168,29 @@ def test_triplets_above_share_the_values_and_give_the_spikes_vectors(wide, dtype
     for j in range(3):  # the spikes (the 4th, a bulk edge value, is not converged)
         assert float(torch.linalg.vector_norm(W @ V[:, j] - s[j] * U[:, j])) < tol * float(s[j])
         assert float(torch.linalg.vector_norm(W.T @ U[:, j] - s[j] * V[:, j])) < tol * float(s[j])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_more_spikes_than_k_come_from_the_same_sketch(dtype, monkeypatch):
+    """top_triplets_above with k = 2 and 3 spikes above the threshold: the one sketch reads
+    the next values off its basis (no wider sketch is drawn), all 3 spikes are there with
+    their exact values and vectors, and the first value below the threshold ends the list."""
+    W = spiked(0)
+    thr = 2.5 ** 2
+    draws = []
+    real = rsvd._sketch
+    monkeypatch.setattr(rsvd, "_sketch", lambda *a: draws.append(a) or real(*a))
+    top, triplets = rsvd.top_triplets_above(W, 2, generator=torch.Generator().manual_seed(1),
+                                            dtype=dtype, threshold=thr)
+    assert len(draws) == 1 and top.numel() > 3
+    assert int((top > thr).sum()) == 3 and float(top[3]) <= thr
+    exact = torch.linalg.svdvals(W)[:3] ** 2
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(top[:3], exact, rtol=tol, atol=0)
+    U, s, V = triplets()
+    for j in range(3):
+        res = float(torch.linalg.vector_norm(W @ V[:, j] - s[j] * U[:, j]))
+        assert res < 100 * tol * float(s[j])
+    # top_eigenvalues (the batch API) keeps k: batch members must not depend on each other
+    assert top_eigenvalues(W, 2, generator=torch.Generator().manual_seed(1), dtype=dtype,
+                           threshold=thr).shape == (2,)
